@@ -1,0 +1,302 @@
+"""The engine: a loaded Whisper model that turns 16 kHz audio into timed text.
+
+`Engine.transcribe` is blocking and thread-safe: calls from many threads share one decode
+scheduler, so their windows are batched together on the device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from . import features, weights
+from .dims import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SECONDS_PER_TOKEN, ModelDimensions
+from .programs import Programs
+from .results import Segment, TranscribeOptions, Transcription
+from .rules import RowOptions, Vocabulary
+from .scheduler import DecodeJob, DecodeOutput, DecodeScheduler, Window
+from .segments import WindowResult, compression_ratio, split_segments
+from .tokenizer import WhisperTokenizer
+from .windows import split_windows
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """Keep compiled programs on disk, so a restart does not compile again."""
+    directory = directory or os.environ.get("DRAGOMAN_COMPILATION_CACHE", str(Path.home() / ".cache" / "dragoman" / "jax"))
+    if directory.lower() in ("", "off", "none"):
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+class Engine:
+    def __init__(self, params: dict, dims: ModelDimensions, tokenizer: WhisperTokenizer, *, max_batch: int = 8,
+                 name: str = "whisper", max_queue: int = 4096):
+        self.dims = dims
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch = max_batch
+        for token in (tokenizer.eot, tokenizer.sot, tokenizer.timestamp_begin + 1500):
+            if token >= dims.n_vocab:
+                raise weights.CheckpointError(
+                    f"the tokenizer's special tokens (up to id {token}) do not fit the model's vocabulary of {dims.n_vocab}")
+        self.programs = Programs(params, dims, Vocabulary.of(tokenizer, dims.n_vocab), max_batch,
+                                 list(tokenizer.language_tokens.values()))
+        self.scheduler = DecodeScheduler(self.programs, tokenizer, max_queue=max_queue)
+
+    @classmethod
+    def load(cls, model: str, *, max_batch: int = 8, dtype: str | None = None, name: str | None = None,
+             max_queue: int = 4096) -> "Engine":
+        """Load from a hub id, a Hugging Face directory, or an OpenAI `.pt` checkpoint (the
+        tokenizer then comes from the directory that holds it). fp32 on CPU, bf16 elsewhere."""
+        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        t0 = time.perf_counter()
+        ckpt = weights.resolve(model)
+        tokenizer = WhisperTokenizer.from_directory(ckpt.directory)
+        params = weights.build_params(ckpt.tensors(), ckpt.dims, DTYPES[dtype])
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        log.info("loaded %s (%s, %s) in %.1f s", model, ckpt.dims, dtype, time.perf_counter() - t0)
+        return cls(params, ckpt.dims, tokenizer, max_batch=max_batch, name=name or model, max_queue=max_queue)
+
+    @property
+    def languages(self) -> dict[str, int]:
+        return self.tokenizer.language_tokens
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def warmup(self) -> None:
+        """Compile every program at every batch and prefix bucket, so no request pays for it."""
+        t0 = time.perf_counter()
+        p = self.programs
+        slots = p.empty_slots()
+        for size in p.batch_sizes:
+            feats = p.encode(np.zeros((size, self.dims.n_mels, N_FRAMES), np.float32))
+            if self.tokenizer.is_multilingual:
+                p.detect_language(feats, self.tokenizer.sot)
+            options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
+                                 np.ones(size, np.float32), np.zeros((size, 2), np.uint32))
+            for width in p.prefix_sizes:
+                prefixes = [[self.tokenizer.sot] * min(width, self.dims.n_text_ctx)] * size
+                slots, *_ = p.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0)
+        p.step(slots)
+        features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
+        log.info("warm-up compiled %d batch and %d prefix buckets in %.1f s", len(p.batch_sizes),
+                 len(p.prefix_sizes), time.perf_counter() - t0)
+
+    # ---- transcription --------------------------------------------------------------------
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions = TranscribeOptions(), *,
+                   on_segment: Callable[[Segment], None] | None = None,
+                   on_progress: Callable[[float], None] | None = None,
+                   cancel: threading.Event | None = None) -> Transcription:
+        """Transcribe (or translate) 16 kHz mono float32 audio.
+
+        on_segment gets each final segment in order as soon as it and all before it are final;
+        on_progress gets the seconds of audio done. Raises ValueError for bad options and
+        concurrent.futures.CancelledError once `cancel` is set.
+        """
+        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        run = _Run(self, options, cancel, on_segment, on_progress)
+        if options.mode == "sequential":
+            return run.sequential(np.asarray(audio, np.float32))
+        return run.batched(np.asarray(audio, np.float32))
+
+    def detect_language(self, window: Window) -> tuple[str, float]:
+        probs = self.scheduler.detect_language(window).result()
+        codes = list(self.languages)
+        best = int(np.argmax(probs))
+        return codes[best], float(probs[best])
+
+
+class _Run:
+    """One transcription: language, prompts, windows, temperature fallback, segments."""
+
+    def __init__(self, engine: Engine, options: TranscribeOptions, cancel, on_segment, on_progress):
+        self.engine = engine
+        self.tok = engine.tokenizer
+        self.options = options
+        self.cancel = cancel
+        self.on_segment = on_segment
+        self.on_progress = on_progress
+        self.segments: list[Segment] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.language = options.language
+        self.language_probability = 1.0
+        n_ctx = engine.dims.n_text_ctx
+        self.sample_len = options.max_new_tokens or n_ctx // 2
+        self.initial_prompt = self.tok.encode(" " + options.prompt.strip()) if options.prompt else []
+
+    # -- pieces shared by both modes
+
+    def _detect(self, window: Window) -> None:
+        if self.language is None:
+            if self.tok.is_multilingual:
+                self.language, self.language_probability = self.engine.detect_language(window)
+            else:
+                self.language = "en"
+
+    def _job(self, window: Window, prompt: list[int], temperature_index: int, salt: int) -> DecodeJob:
+        o = self.options
+        n_ctx = self.engine.dims.n_text_ctx
+        sot_seq = self.tok.sot_sequence(self.language, o.task)
+        if not o.timestamps:
+            sot_seq = sot_seq + [self.tok.no_timestamps]
+        prefix = ([self.tok.sot_prev] + prompt[-(n_ctx // 2 - 1):] if prompt else []) + sot_seq
+        max_initial = round(o.max_initial_timestamp / SECONDS_PER_TOKEN) if o.max_initial_timestamp else -1
+        seed = o.seed & 0xFFFFFFFF
+        key = (seed, (salt * 7919 + temperature_index * 104729 + (o.seed >> 32)) & 0xFFFFFFFF)
+        self.prompt_tokens += len(prefix)
+        return DecodeJob(window, prefix, prefix.index(self.tok.sot), o.temperatures[temperature_index], o.timestamps,
+                         max_initial, o.repetition_penalty, key, self.sample_len, cancel=self.cancel)
+
+    def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
+        self.completion_tokens += len(out.tokens) + 1
+        text = self.tok.decode(out.tokens).strip()
+        return WindowResult(out.tokens, text, temperature, out.sum_logprob / (len(out.tokens) + 1),
+                            compression_ratio(text), out.no_speech_prob)
+
+    def _needs_fallback(self, r: WindowResult) -> bool:
+        o = self.options
+        needs = (o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold) or (
+            o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold)
+        silence = (o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
+                   and o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold)
+        return needs and not silence
+
+    def _is_silence(self, r: WindowResult) -> bool:
+        o = self.options
+        if o.no_speech_threshold is None or not r.no_speech_prob > o.no_speech_threshold:
+            return False
+        return not (o.logprob_threshold is not None and r.avg_logprob > o.logprob_threshold)
+
+    def _emit(self, seek: int, raw, result: WindowResult) -> list[Segment]:
+        out = []
+        for s in raw:
+            empty = s.start == s.end or not s.text.strip()  # kept, emptied, as openai-whisper does
+            seg = Segment(len(self.segments), seek, round(s.start, 3), round(s.end, 3), "" if empty else s.text,
+                          [] if empty else s.tokens, result.temperature, result.avg_logprob, result.compression_ratio,
+                          result.no_speech_prob)
+            self.segments.append(seg)
+            out.append(seg)
+            if self.on_segment is not None:
+                self.on_segment(seg)
+        return out
+
+    def _wait(self, future: Future):
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except TimeoutError:
+                if self.cancel is not None and self.cancel.is_set():
+                    future.cancel()
+                    raise CancelledError()
+
+    def _finish(self, duration: float) -> Transcription:
+        text = "".join(s.text for s in self.segments)
+        return Transcription(text, self.language or "en", self.language_probability, duration, self.segments,
+                             self.prompt_tokens, self.completion_tokens)
+
+    # -- batched: every window at once, times offset by each window's start
+
+    def batched(self, audio: np.ndarray) -> Transcription:
+        duration = len(audio) / SAMPLE_RATE
+        spans = split_windows(audio)
+        chunks = np.zeros((len(spans), N_SAMPLES), np.float32)
+        for i, (a, b) in enumerate(spans):
+            chunks[i, : b - a] = audio[a:b]
+        mels = features.window_log_mel(chunks, self.engine.dims.n_mels)
+        windows = [Window(mels[i]) for i in range(len(spans))]
+        self._detect(windows[0])
+
+        done: queue.Queue = queue.Queue()
+        temps = self.options.temperatures
+
+        def submit(i: int, t: int) -> None:
+            f = self.engine.scheduler.submit(self._job(windows[i], self.initial_prompt, t, salt=i))
+            f.add_done_callback(lambda f: done.put((i, t, f)))
+
+        for i in range(len(spans)):
+            submit(i, 0)
+        final: dict[int, WindowResult] = {}
+        next_out = 0
+        while next_out < len(spans):
+            try:
+                i, t, f = done.get(timeout=0.5)
+            except queue.Empty:
+                if self.cancel is not None and self.cancel.is_set():
+                    raise CancelledError()
+                continue
+            result = self._result(f.result(), temps[t])
+            if self._needs_fallback(result) and t + 1 < len(temps):
+                submit(i, t + 1)
+                continue
+            final[i] = result
+            while next_out in final:
+                r = final.pop(next_out)
+                start, end = spans[next_out]
+                if not self._is_silence(r):
+                    raw, _ = split_segments(r.tokens, self.tok, start / SAMPLE_RATE, (end - start) // HOP_LENGTH, keep_tail=True)
+                    self._emit(start // HOP_LENGTH, raw, r)
+                if self.on_progress is not None:
+                    self.on_progress(end / SAMPLE_RATE)
+                next_out += 1
+        return self._finish(duration)
+
+    # -- sequential: openai-whisper's seek loop, the reference for exactness
+
+    def sequential(self, audio: np.ndarray) -> Transcription:
+        o = self.options
+        n_mels = self.engine.dims.n_mels
+        mel = features.file_log_mel(audio, n_mels, padding=N_SAMPLES)
+        content_frames = mel.shape[-1] - N_FRAMES
+        duration = content_frames * HOP_LENGTH / SAMPLE_RATE
+
+        def window_at(seek: int, size: int) -> Window:
+            m = np.zeros((n_mels, N_FRAMES), np.float32)
+            m[:, :size] = mel[:, seek : seek + size]
+            return Window(m)
+
+        self._detect(window_at(0, min(N_FRAMES, mel.shape[-1])))
+        all_tokens = list(self.initial_prompt)
+        prompt_reset_since = 0
+        seek = 0
+        while seek < content_frames:
+            segment_size = min(N_FRAMES, content_frames - seek)
+            window = window_at(seek, segment_size)
+            prompt = all_tokens[prompt_reset_since:]
+            result = None
+            for t in range(len(o.temperatures)):
+                result = self._result(self._wait(self.engine.scheduler.submit(self._job(window, prompt, t, salt=seek))),
+                                      o.temperatures[t])
+                if not self._needs_fallback(result):
+                    break
+            if self._is_silence(result):
+                seek += segment_size
+                continue
+            raw, consumed = split_segments(result.tokens, self.tok, seek * HOP_LENGTH / SAMPLE_RATE, segment_size, keep_tail=False)
+            emitted = self._emit(seek, raw, result)
+            seek += consumed
+            all_tokens.extend(t for s in emitted for t in s.tokens)
+            if not o.condition_on_previous_text or result.temperature > 0.5:
+                prompt_reset_since = len(all_tokens)
+            if self.on_progress is not None:
+                self.on_progress(min(seek, content_frames) * HOP_LENGTH / SAMPLE_RATE)
+        return self._finish(duration)

@@ -1,0 +1,171 @@
+"""The compiled programs of the engine, over a fixed number of batch slots.
+
+A slot holds one window being decoded. The state of all slots (self-attention cache,
+cross-attention keys/values, row state and options, write positions) lives on the device as
+one `Slots` tuple that each program takes and returns (donated, so updated in place):
+
+- `encode`: mel windows -> audio features (batch buckets).
+- `detect_language`: audio features -> probabilities of the language tokens.
+- `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
+  first token (and the no-speech probability, read at <|startoftranscript|>).
+- `step`: one token for every slot: the one compiled decode step.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model
+from .dims import ModelDimensions
+from .rules import RowOptions, RowState, Vocabulary, select_tokens
+
+
+class Slots(NamedTuple):
+    cache: model.KVCache
+    state: RowState
+    options: RowOptions
+    position: jax.Array  # [slots] where the next fed token is written
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest size that holds n."""
+    for s in sizes:
+        if s >= n:
+            return s
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to max_batch, and max_batch itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sorted(set(sizes + [max_batch])))
+
+
+class Programs:
+    def __init__(self, params: dict, dims: ModelDimensions, vocab: Vocabulary, n_slots: int, language_ids: list[int]):
+        self.params = params
+        self.dims = dims
+        self.vocab = vocab
+        self.n_slots = n_slots
+        self.dtype = params["decoder"]["token_embedding"].dtype
+        self.batch_sizes = batch_buckets(n_slots)
+        self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
+        self.language_ids = jnp.asarray(language_ids, jnp.int32)
+        self._encode = jax.jit(partial(model.encode, dims=dims))
+        self._detect = jax.jit(self._detect_impl)
+        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+
+    # ---- the programs ----------------------------------------------------------------------
+
+    def _detect_impl(self, params, features: jax.Array, sot: jax.Array) -> jax.Array:
+        b = features.shape[0]
+        ck, cv = model.cross_kv(params, features)
+        sk, sv = model.empty_self_cache(self.dims, b, self.dtype)
+        sk, sv = sk[:, :, :1], sv[:, :, :1]
+        tokens = jnp.full((b, 1), sot, jnp.int32)
+        logits, _ = model.decode(params, tokens, jnp.zeros(b, jnp.int32), model.KVCache(sk, sv, ck, cv),
+                                 jnp.zeros((b, 1), jnp.int32), self.dims)
+        return jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1)
+
+    def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions, no_speech):
+        k = features.shape[0]
+        ck, cv = model.cross_kv(params, features)
+        sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
+        logit_index = jnp.stack([sot_index, length - 1], axis=1)
+        logits, new = model.decode(params, prefix, jnp.zeros(k, jnp.int32), model.KVCache(sk, sv, ck, cv), logit_index, self.dims)
+        no_speech_prob = jax.nn.softmax(logits[:, 0], axis=-1)[:, no_speech]
+        valid = jnp.arange(prefix.shape[1])[None, :] < length[:, None]
+        seen = jnp.zeros((k, self.dims.n_vocab), jnp.int32).at[jnp.arange(k)[:, None], prefix].add(valid) > 0
+        state = RowState(
+            last_token=jnp.full(k, -1, jnp.int32),
+            prev_token=jnp.full(k, -1, jnp.int32),
+            last_timestamp=jnp.full(k, -1, jnp.int32),
+            n_sampled=jnp.zeros(k, jnp.int32),
+            seen=seen,
+        )
+        tokens, logprobs, state = select_tokens(logits[:, 1], state, options, self.vocab)
+
+        def put(big, small, axis=0):
+            index = (slice(None),) * axis + (slot_ids,)
+            return big.at[index].set(small, mode="drop")
+
+        cache = model.KVCache(put(slots.cache.self_k, new.self_k, 1), put(slots.cache.self_v, new.self_v, 1),
+                              put(slots.cache.cross_k, ck, 1), put(slots.cache.cross_v, cv, 1))
+        slots = Slots(
+            cache,
+            RowState(*(put(b, s) for b, s in zip(slots.state, state))),
+            RowOptions(*(put(b, s) for b, s in zip(slots.options, options))),
+            put(slots.position, length),
+        )
+        return slots, tokens, logprobs, no_speech_prob
+
+    def _step_impl(self, params, slots: Slots):
+        tokens = slots.state.last_token[:, None]
+        logits, cache = model.decode(params, jnp.maximum(tokens, 0), slots.position, slots.cache,
+                                     jnp.zeros((self.n_slots, 1), jnp.int32), self.dims)
+        next_tokens, logprobs, state = select_tokens(logits[:, 0], slots.state, slots.options, self.vocab)
+        return Slots(cache, state, slots.options, slots.position + 1), next_tokens, logprobs
+
+    # ---- host-side entry points -----------------------------------------------------------
+
+    def empty_slots(self) -> Slots:
+        n, d = self.n_slots, self.dims
+        sk, sv = model.empty_self_cache(d, n, self.dtype)
+        cross = jnp.zeros((d.n_text_layer, n, d.n_audio_ctx, d.n_text_state), self.dtype)
+        state = RowState(*(jnp.full(n, -1, jnp.int32) for _ in range(3)), jnp.zeros(n, jnp.int32),
+                         jnp.zeros((n, d.n_vocab), bool))
+        options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
+                             jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
+        return Slots(model.KVCache(sk, sv, cross, jnp.zeros_like(cross)), state, options,
+                     jnp.full(n, d.n_text_ctx, jnp.int32))
+
+    def encode(self, mel: np.ndarray | jax.Array) -> jax.Array:
+        """[k, n_mels, 3000] -> [k, n_audio_ctx, state], run at the batch bucket that holds k."""
+        k = mel.shape[0]
+        size = bucket(k, self.batch_sizes)
+        if size != k:
+            mel = jnp.concatenate([jnp.asarray(mel), jnp.zeros((size - k, *mel.shape[1:]), mel.dtype)])
+        return self._encode(self.params, mel)[:k]
+
+    def detect_language(self, features: jax.Array, sot: int) -> np.ndarray:
+        k = features.shape[0]
+        padded = self._pad_rows(features, bucket(k, self.batch_sizes))
+        return np.asarray(self._detect(self.params, padded, jnp.int32(sot)))[:k]
+
+    def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
+              slot_ids: list[int], options: RowOptions, no_speech: int):
+        """Returns (slots, first tokens, their logprobs, no-speech probabilities) for the k rows."""
+        k = len(prefixes)
+        size = bucket(k, self.batch_sizes)
+        width = bucket(max(map(len, prefixes)), self.prefix_sizes)
+        prefix = np.zeros((size, width), np.int32)
+        for i, p in enumerate(prefixes):
+            prefix[i, : len(p)] = p
+        length = np.ones(size, np.int32)
+        length[:k] = [len(p) for p in prefixes]
+        sot = np.zeros(size, np.int32)
+        sot[:k] = sot_index
+        ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
+        ids[:k] = slot_ids
+        options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
+        slots, tokens, logprobs, no_speech_prob = self._admit(
+            self.params, slots, self._pad_rows(features, size), prefix, length, sot, ids, options, jnp.int32(no_speech))
+        return slots, np.asarray(tokens)[:k], np.asarray(logprobs)[:k], np.asarray(no_speech_prob)[:k]
+
+    def step(self, slots: Slots) -> tuple[Slots, np.ndarray, np.ndarray]:
+        slots, tokens, logprobs = self._step(self.params, slots)
+        return slots, np.asarray(tokens), np.asarray(logprobs)
+
+    @staticmethod
+    def _pad_rows(x: jax.Array, size: int) -> jax.Array:
+        k = x.shape[0]
+        if k == size:
+            return x
+        return jnp.concatenate([x, jnp.zeros((size - k, *x.shape[1:]), x.dtype)])

@@ -1,0 +1,77 @@
+"""What a transcription request asks for, and what it gives back."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+TASKS = ("transcribe", "translate")
+MODES = ("batched", "sequential")
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    task: str = "transcribe"  # or "translate" (into English)
+    language: str | None = None  # code; None = detect from the first 30 s
+    prompt: str | None = None  # text that precedes the audio (names, spelling, style)
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # tried in order while a result fails the thresholds
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None  # per 30 s window; None = half the text context (224)
+    timestamps: bool = True  # segment timestamps; off = one segment per window
+    mode: str = "batched"  # "batched" (all windows at once) or "sequential" (openai-whisper's seek loop)
+    condition_on_previous_text: bool = True  # sequential mode: previous text is the next window's prompt
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    max_initial_timestamp: float | None = 1.0  # seconds; the first timestamp is at most this
+
+    def validate(self, languages: dict[str, int] | None = None) -> None:
+        """Raises ValueError naming the field, what it was and what is accepted."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.temperatures:
+            raise ValueError("temperatures must hold at least one temperature")
+        for t in self.temperatures:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"temperature must be in [0, 1], got {t}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 448:
+            raise ValueError(f"max_new_tokens must be in [1, 448], got {self.max_new_tokens}")
+        if languages is not None and self.language is not None and self.language not in languages:
+            raise ValueError(f"language {self.language!r} is not one this model knows; accepted: {', '.join(languages)}")
+
+
+@dataclass
+class Segment:
+    id: int
+    seek: int  # mel frame (10 ms) at which the window that produced it starts
+    start: float  # seconds
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Transcription:
+    text: str
+    language: str
+    language_probability: float
+    duration: float  # seconds of audio
+    segments: list[Segment] = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens fed to the decoder, over all windows
+    completion_tokens: int = 0  # tokens sampled, over all windows and attempts
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["segments"] = [s.to_dict() for s in self.segments]
+        return d

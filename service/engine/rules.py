@@ -1,0 +1,124 @@
+"""Logit rules and token selection, as pure functions of (logits, per-row state) over a batch.
+
+Each rule mirrors one of openai-whisper's logit filters (`SuppressBlank`, `SuppressTokens`,
+`ApplyTimestampRules`), vectorised over rows so that they compile into the decode step.
+Rows carry their own options (temperature, timestamps, penalty), so windows of different
+requests share one batch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .tokenizer import WhisperTokenizer
+
+NEG_INF = -jnp.inf
+
+
+class Vocabulary(NamedTuple):
+    """The token ids and masks the rules need; arrays so that they are traced, not baked in."""
+    eot: jax.Array
+    no_timestamps: jax.Array
+    timestamp_begin: jax.Array
+    suppress: jax.Array  # [vocab] bool: never sampled
+    blank: jax.Array  # [vocab] bool: not sampled first
+
+    @classmethod
+    def of(cls, tokenizer: WhisperTokenizer, n_vocab: int) -> "Vocabulary":
+        def mask(ids: list[int]) -> np.ndarray:
+            m = np.zeros(n_vocab, bool)
+            m[[i for i in ids if i < n_vocab]] = True
+            return m
+
+        return cls(np.int32(tokenizer.eot), np.int32(tokenizer.no_timestamps), np.int32(tokenizer.timestamp_begin),
+                   mask(tokenizer.suppress_tokens), mask(tokenizer.blank_suppress))
+
+
+class RowOptions(NamedTuple):
+    """Per-row decoding options, each [batch]."""
+    temperature: jax.Array  # float32; 0 = greedy
+    timestamps: jax.Array  # bool: apply the timestamp rules
+    max_initial_timestamp: jax.Array  # int32 index; < 0 = unbounded
+    repetition_penalty: jax.Array  # float32; 1 = off
+    key: jax.Array  # uint32 [batch, 2]: the row's sampling key
+
+
+class RowState(NamedTuple):
+    """What the rules need of each row's history, each [batch] unless noted."""
+    last_token: jax.Array  # the token fed at this step
+    prev_token: jax.Array  # the sampled token before it, or -1
+    last_timestamp: jax.Array  # the last sampled timestamp token, or -1
+    n_sampled: jax.Array  # tokens sampled so far
+    seen: jax.Array  # [batch, vocab] bool: tokens in the sequence (repetition penalty)
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """Tokens already in the sequence lose likelihood: positive logits divided, negative multiplied."""
+    p = penalty[:, None]
+    return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+
+
+def suppress_blank(logits: jax.Array, state: RowState, vocab: Vocabulary) -> jax.Array:
+    first = (state.n_sampled == 0)[:, None]
+    return jnp.where(first & vocab.blank[None], NEG_INF, logits)
+
+
+def suppress_tokens(logits: jax.Array, vocab: Vocabulary) -> jax.Array:
+    return jnp.where(vocab.suppress[None], NEG_INF, logits)
+
+
+def apply_timestamp_rules(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary) -> jax.Array:
+    """Timestamps come in pairs (but for one before end-of-text), never decrease, open the text,
+    and win whenever their total probability beats every single text token."""
+    ids = jnp.arange(logits.shape[-1])[None, :]
+    is_ts = ids >= vocab.timestamp_begin
+    n = state.n_sampled[:, None]
+    last_ts = (n >= 1) & (state.last_token[:, None] >= vocab.timestamp_begin)
+    penultimate_ts = (n < 2) | (state.prev_token[:, None] >= vocab.timestamp_begin)
+    ban = ids == vocab.no_timestamps
+    ban |= last_ts & penultimate_ts & is_ts
+    ban |= last_ts & ~penultimate_ts & (ids < vocab.eot)
+    seen_ts = state.last_timestamp[:, None] >= 0
+    floor = jnp.where(last_ts & ~penultimate_ts, state.last_timestamp[:, None], state.last_timestamp[:, None] + 1)
+    ban |= seen_ts & is_ts & (ids < floor)
+    first = n == 0
+    ban |= first & ~is_ts
+    max_init = opts.max_initial_timestamp[:, None]
+    ban |= first & (max_init >= 0) & (ids > vocab.timestamp_begin + max_init)
+    logits = jnp.where(opts.timestamps[:, None] & ban, NEG_INF, logits)
+
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    ts_logprob = jax.nn.logsumexp(jnp.where(is_ts, logprobs, NEG_INF), axis=-1)
+    max_text = jnp.max(jnp.where(is_ts, NEG_INF, logprobs), axis=-1)
+    force_ts = opts.timestamps & (ts_logprob > max_text)
+    return jnp.where(force_ts[:, None] & ~is_ts, NEG_INF, logits)
+
+
+def apply_rules(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary) -> jax.Array:
+    logits = apply_repetition_penalty(logits, state.seen, opts.repetition_penalty)
+    logits = suppress_blank(logits, state, vocab)
+    logits = suppress_tokens(logits, vocab)
+    return apply_timestamp_rules(logits, state, opts, vocab)
+
+
+def select_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary) -> tuple[jax.Array, jax.Array, RowState]:
+    """Apply the rules, pick each row's next token (argmax, or a seeded sample when its
+    temperature is above 0) and advance the row state. Returns (tokens, logprobs, state)."""
+    logits = apply_rules(logits, state, opts, vocab)
+    keys = jax.vmap(jax.random.fold_in)(opts.key, state.n_sampled)
+    temperature = jnp.maximum(opts.temperature, 1e-6)[:, None]
+    sampled = jax.vmap(jax.random.categorical)(keys, logits / temperature)
+    tokens = jnp.where(opts.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    rows = jnp.arange(tokens.shape[0])
+    state = RowState(
+        last_token=tokens,
+        prev_token=jnp.where(state.n_sampled >= 1, state.last_token, -1),
+        last_timestamp=jnp.where(tokens >= vocab.timestamp_begin, tokens, state.last_timestamp),
+        n_sampled=state.n_sampled + 1,
+        seen=state.seen.at[rows, tokens].set(True),
+    )
+    return tokens, logprobs, state
