@@ -1,0 +1,125 @@
+"""`python -m service translate|transcribe FILE...`: the engine on files, without a server."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+
+from tqdm import tqdm
+
+from .audio import AudioError, decode_audio
+from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
+from .engine.languages import language_code
+
+DEFAULT_MODEL = "openai/whisper-large-v3"
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the command line and the server: which model, how to run it."""
+    import os
+
+    p.add_argument("--model", default=os.environ.get("DRAGOMAN_MODEL", DEFAULT_MODEL),
+                   help="Hugging Face hub id, local model directory, or OpenAI .pt checkpoint "
+                        "(env DRAGOMAN_MODEL; default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=int(os.environ.get("DRAGOMAN_MAX_BATCH", "8")),
+                   help="windows decoded together on the device (env DRAGOMAN_MAX_BATCH; default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=os.environ.get("DRAGOMAN_DTYPE") or None,
+                   help="parameter and compute type (env DRAGOMAN_DTYPE; default float32 on CPU, bfloat16 on GPU/TPU)")
+
+
+def add_file_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="audio or video files in any format FFmpeg reads")
+    add_engine_arguments(p)
+    p.add_argument("--language", help="spoken language (code or English name); default: detected")
+    p.add_argument("--prompt", help="text that precedes the audio: names, spellings, style")
+    p.add_argument("--temperature", type=float, help="sampling temperature; default: 0 with fallback up to 1.0")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (default 1)")
+    p.add_argument("--mode", choices=MODES, default="batched",
+                   help="long-form: batched (all 30 s windows at once) or sequential (openai-whisper's loop)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per 30 s window (default 224)")
+    p.add_argument("--without-timestamps", action="store_true", help="one segment per window, no timestamps")
+    p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+
+
+def options_from_args(args: argparse.Namespace, task: str) -> TranscribeOptions:
+    language = None
+    if args.language:
+        language = language_code(args.language)
+        if language is None:
+            raise ValueError(f"unknown language {args.language!r}; give a code such as 'it' or a name such as 'Italian'")
+    temperatures = DEFAULT_TEMPERATURES
+    if args.temperature is not None:
+        temperatures = tuple(t for t in DEFAULT_TEMPERATURES if t > args.temperature)
+        temperatures = (args.temperature,) + temperatures
+    return TranscribeOptions(task=task, language=language, prompt=args.prompt, temperatures=temperatures,
+                             seed=args.seed, repetition_penalty=args.repetition_penalty,
+                             max_new_tokens=args.max_new_tokens, timestamps=not args.without_timestamps,
+                             mode=args.mode)
+
+
+def run_files(args: argparse.Namespace, task: str) -> int:
+    try:
+        options = options_from_args(args, task)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    enable_compilation_cache()
+    try:
+        engine = Engine.load(args.model, max_batch=args.max_batch, dtype=args.dtype)
+        options.validate(engine.languages if engine.tokenizer.is_multilingual else None)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        for path in args.files:
+            try:
+                audio = decode_audio(path)
+            except (AudioError, FileNotFoundError) as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                status = 1
+                continue
+            duration = len(audio) / 16000
+            with tqdm(total=round(duration, 1), unit="s", desc=path, file=sys.stderr, leave=False,
+                      disable=None if duration > 30 else True) as bar:
+                lock = threading.Lock()
+
+                def progress(done: float) -> None:
+                    with lock:
+                        bar.update(round(done, 1) - bar.n)
+
+                result = engine.transcribe(audio, options, on_progress=progress)
+            if args.json:
+                print(json.dumps({"file": path, **result.to_dict()}, ensure_ascii=False), flush=True)
+            else:
+                for s in result.segments:
+                    print(f"[{_clock(s.start)} --> {_clock(s.end)}]{s.text}", flush=True)
+    finally:
+        engine.close()
+    return status
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(seconds, 60)
+    h, m = divmod(int(m), 60)
+    return f"{h:02d}:{m:02d}:{s:06.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Dragoman: Whisper speech translation on JAX")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for task, help_text in (("translate", "translate speech in files into English text"),
+                            ("transcribe", "transcribe speech in files in its own language")):
+        add_file_arguments(sub.add_parser(task, help=help_text, description=help_text))
+    from . import server  # the gRPC service adds its own subcommand
+
+    server.add_serve_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return server.serve_from_args(args)
+    return run_files(args, args.command)

@@ -1,0 +1,50 @@
+"""Shared fixtures: random-weight Whisper models built once per test session (no model hub)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("DRAGOMAN_COMPILATION_CACHE", "off")
+
+import jax
+import pytest
+
+from random_models import build_model
+
+# Parity with the PyTorch references needs full-precision float32 matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_root):
+    """(directory, transformers model) of a tiny multilingual Whisper: 80 mels, 51865 tokens."""
+    out = model_root / "tiny"
+    return out, build_model(out, "tiny")
+
+
+@pytest.fixture(scope="session")
+def v3_model(model_root):
+    """large-v3-like: 128 mels, 51866 tokens (Cantonese)."""
+    out = model_root / "v3"
+    return out, build_model(out, "v3", seed=1)
+
+
+@pytest.fixture(scope="session")
+def turbo_model(model_root):
+    """large-v3-turbo-like: 3 encoder layers, 1 decoder layer."""
+    out = model_root / "turbo"
+    return out, build_model(out, "turbo", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    from service.engine import Engine
+
+    engine = Engine.load(str(tiny_model[0]), max_batch=8)
+    yield engine
+    engine.close()
