@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from .rules import RowOptions, Vocabulary
 from .scheduler import DecodeJob, DecodeOutput, DecodeScheduler, Window
 from .segments import WindowResult, compression_ratio, split_segments
 from .tokenizer import WhisperTokenizer
-from .windows import split_windows
+from .windows import cut_windows
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,12 @@ class Engine:
 
     # ---- transcription --------------------------------------------------------------------
 
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions = TranscribeOptions(), *,
+    def transcribe(self, audio: np.ndarray | Iterable[np.ndarray], options: TranscribeOptions = TranscribeOptions(), *,
                    on_segment: Callable[[Segment], None] | None = None,
                    on_progress: Callable[[float], None] | None = None,
                    cancel: threading.Event | None = None) -> Transcription:
-        """Transcribe (or translate) 16 kHz mono float32 audio.
+        """Transcribe (or translate) 16 kHz mono float32 audio, given whole or as an iterable of
+        pieces (batched mode starts on each window as soon as its samples have arrived).
 
         on_segment gets each final segment in order as soon as it and all before it are final;
         on_progress gets the seconds of audio done. Raises ValueError for bad options and
@@ -114,15 +115,26 @@ class Engine:
         """
         options.validate(self.languages if self.tokenizer.is_multilingual else None)
         run = _Run(self, options, cancel, on_segment, on_progress)
+        if isinstance(audio, np.ndarray):
+            audio = [audio.astype(np.float32, copy=False).reshape(-1)]
         if options.mode == "sequential":
-            return run.sequential(np.asarray(audio, np.float32))
-        return run.batched(np.asarray(audio, np.float32))
+            return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in audio]))
+        return run.batched(audio)
 
-    def detect_language(self, window: Window) -> tuple[str, float]:
-        probs = self.scheduler.detect_language(window).result()
-        codes = list(self.languages)
-        best = int(np.argmax(probs))
-        return codes[best], float(probs[best])
+    def detect_language(self, mel: np.ndarray) -> dict[str, float]:
+        """Probability of each language, from one 30 s window of log-mel features."""
+        probs = self.scheduler.detect_language(Window(mel)).result()
+        return dict(zip(self.languages, map(float, probs)))
+
+    def decode(self, mel: np.ndarray, options: TranscribeOptions = TranscribeOptions()) -> tuple[WindowResult, str]:
+        """Decode one 30 s window of log-mel features [n_mels, 3000] once, at the first of
+        `options.temperatures`, as openai-whisper's `decode()`. Returns (result, language)."""
+        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        run = _Run(self, options, None, None, None)
+        window = Window(np.asarray(mel, np.float32))
+        run._detect(window)
+        out = self.scheduler.submit(run._job(window, run.initial_prompt, 0, salt=0)).result()
+        return run._result(out, options.temperatures[0]), run.language
 
 
 class _Run:
@@ -149,7 +161,9 @@ class _Run:
     def _detect(self, window: Window) -> None:
         if self.language is None:
             if self.tok.is_multilingual:
-                self.language, self.language_probability = self.engine.detect_language(window)
+                probs = self.engine.scheduler.detect_language(window).result()
+                best = int(np.argmax(probs))
+                self.language, self.language_probability = list(self.engine.languages)[best], float(probs[best])
             else:
                 self.language = "en"
 
@@ -216,34 +230,54 @@ class _Run:
 
     # -- batched: every window at once, times offset by each window's start
 
-    def batched(self, audio: np.ndarray) -> Transcription:
-        duration = len(audio) / SAMPLE_RATE
-        spans = split_windows(audio)
-        chunks = np.zeros((len(spans), N_SAMPLES), np.float32)
-        for i, (a, b) in enumerate(spans):
-            chunks[i, : b - a] = audio[a:b]
-        mels = features.window_log_mel(chunks, self.engine.dims.n_mels)
-        windows = [Window(mels[i]) for i in range(len(spans))]
-        self._detect(windows[0])
-
-        done: queue.Queue = queue.Queue()
+    def batched(self, audio: Iterable[np.ndarray]) -> Transcription:
+        """Windows are cut and submitted as the audio arrives (a feeder thread reads `audio`);
+        this thread collects results, retries failing windows at the next temperature, and
+        emits segments in order."""
+        events: queue.Queue = queue.Queue()
+        spans: list[tuple[int, int]] = []
+        windows: list[Window] = []
         temps = self.options.temperatures
 
         def submit(i: int, t: int) -> None:
             f = self.engine.scheduler.submit(self._job(windows[i], self.initial_prompt, t, salt=i))
-            f.add_done_callback(lambda f: done.put((i, t, f)))
+            f.add_done_callback(lambda f: events.put(("window", i, t, f)))
 
-        for i in range(len(spans)):
-            submit(i, 0)
-        final: dict[int, WindowResult] = {}
-        next_out = 0
-        while next_out < len(spans):
+        def feed() -> None:
             try:
-                i, t, f = done.get(timeout=0.5)
+                samples = 0
+                for start, end, chunk in cut_windows(audio):
+                    if self.cancel is not None and self.cancel.is_set():
+                        break
+                    padded = np.zeros((1, N_SAMPLES), np.float32)
+                    padded[0, : end - start] = chunk
+                    spans.append((start, end))
+                    windows.append(Window(features.window_log_mel(padded, self.engine.dims.n_mels)[0]))
+                    if len(windows) == 1:
+                        self._detect(windows[0])
+                    submit(len(windows) - 1, 0)
+                    samples = end
+                events.put(("end", len(windows), samples))
+            except BaseException as e:  # surfaced on the caller's thread
+                events.put(("error", e))
+
+        feeder = threading.Thread(target=feed, name="window-feeder", daemon=True)
+        feeder.start()
+        final: dict[int, WindowResult] = {}
+        next_out, total, duration = 0, None, 0.0
+        while total is None or next_out < total:
+            try:
+                event = events.get(timeout=0.5)
             except queue.Empty:
                 if self.cancel is not None and self.cancel.is_set():
                     raise CancelledError()
                 continue
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "end":
+                total, duration = event[1], event[2] / SAMPLE_RATE
+                continue
+            _, i, t, f = event
             result = self._result(f.result(), temps[t])
             if self._needs_fallback(result) and t + 1 < len(temps):
                 submit(i, t + 1)
@@ -258,6 +292,8 @@ class _Run:
                 if self.on_progress is not None:
                     self.on_progress(end / SAMPLE_RATE)
                 next_out += 1
+        if total == 0:
+            raise ValueError("the audio holds no samples")
         return self._finish(duration)
 
     # -- sequential: openai-whisper's seek loop, the reference for exactness

@@ -24,6 +24,7 @@ class TranscribeOptions:
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     max_initial_timestamp: float | None = 1.0  # seconds; the first timestamp is at most this
+    word_timestamps: bool = False  # a start and end time for every word
 
     def validate(self, languages: dict[str, int] | None = None) -> None:
         """Raises ValueError naming the field, what it was and what is accepted."""
@@ -45,6 +46,14 @@ class TranscribeOptions:
 
 
 @dataclass
+class Word:
+    word: str  # with its leading space, as in the text
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass
 class Segment:
     id: int
     seek: int  # mel frame (10 ms) at which the window that produced it starts
@@ -56,6 +65,7 @@ class Segment:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
+    words: list[Word] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,298 @@
+"""The audio endpoints' form: fields as OpenAI's SDK (and vLLM's clients) send them, read as they arrive.
+
+`read_multipart` turns a multipart/form-data body into events while it is being received, so the
+file can go on to the service chunk by chunk; `Params` collects and checks the other fields.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+from werkzeug.http import parse_options_header
+from werkzeug.sansio import multipart as mp
+
+from .errors import APIError, bad_request
+from .languages import language_code
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+GRANULARITIES = ("word", "segment")
+READ_SIZE = 64 * 1024  # bytes read from the request at a time
+CHUNK_SIZE = 256 * 1024  # bytes of audio per message to the service
+MAX_FIELD_BYTES = 256 * 1024  # a text field (the prompt is the longest)
+MAX_PARTS = 200
+
+# OpenAI fields that exist for other models and have no meaning here: accepted, logged, ignored.
+IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]",
+           "stream_continuous_usage_stats", "user", "n", "top_p", "top_k", "min_p", "frequency_penalty",
+           "presence_penalty", "length_penalty", "use_beam_search", "vllm_xargs"}
+
+
+@dataclass
+class Params:
+    """What a translation or transcription request asks for, in the shim's terms."""
+
+    task: str  # "translate" or "transcribe"
+    model: str | None = None
+    prompt: str | None = None
+    response_format: str = "json"
+    temperature: float | None = None
+    language: str | None = None  # a code, checked against Whisper's languages
+    timestamp_granularities: list[str] = field(default_factory=list)
+    stream: bool = False
+    stream_include_usage: bool = False
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    max_completion_tokens: int | None = None
+    to_language: str | None = None
+    seen: set[str] = field(default_factory=set)  # fields given, by their canonical name
+
+    @property
+    def word_timestamps(self) -> bool:
+        return self.response_format == "verbose_json" and "word" in self.timestamp_granularities
+
+    def set_field(self, name: str, value: str) -> bool:
+        """Apply one text field. Returns False for a field that is not ours (logged and ignored);
+        raises APIError (400) naming the field for a bad value."""
+        if name == "timestamp_granularities" or name == "timestamp_granularities[]":
+            v = value.strip().lower()
+            if v not in GRANULARITIES:
+                raise bad_request(f"'{value}' is not one of {list(GRANULARITIES)} - 'timestamp_granularities[]'",
+                                  "timestamp_granularities[]")
+            if v not in self.timestamp_granularities:
+                self.timestamp_granularities.append(v)
+            self.seen.add("timestamp_granularities[]")
+            return True
+        setter = _SETTERS.get(name)
+        if setter is None:
+            if name in IGNORED or name.startswith("stream_options"):
+                log.info("ignoring form field %r: not used by this server", name)
+            else:
+                log.info("ignoring unknown form field %r", name)
+            return False
+        setter(self, name, value)
+        self.seen.add(name)
+        return True
+
+    def check(self) -> None:
+        """Checks across fields, once all are known."""
+        if self.stream and self.response_format not in ("json", "text"):
+            raise bad_request(f"stream=true gives text deltas; it cannot be combined with response_format "
+                              f"'{self.response_format}' (use json or text)", "stream", "unsupported_value")
+
+
+def _text(p: Params, name: str, value: str) -> None:
+    setattr(p, name, value if value != "" else None)
+
+
+def _model(p: Params, name: str, value: str) -> None:
+    p.model = value.strip() or None
+
+
+def _format(p: Params, name: str, value: str) -> None:
+    v = value.strip().lower()
+    if v == "":
+        v = "json"
+    if v not in FORMATS:
+        raise bad_request(f"'{value}' is not one of {list(FORMATS)} - 'response_format'", "response_format",
+                          "unsupported_value")
+    p.response_format = v
+
+
+def _float(lo: float, hi: float, lo_open: bool = False):
+    def setter(p: Params, name: str, value: str) -> None:
+        if value.strip() == "":
+            setattr(p, name, None)
+            return
+        try:
+            v = float(value)
+        except ValueError:
+            raise bad_request(f"Invalid type for '{name}': expected a number, but got a string ('{value}')",
+                              name, "invalid_type") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            left = "(" if lo_open else "["
+            raise bad_request(f"Invalid '{name}': {value} is not in {left}{lo:g}, {hi:g}]", name)
+        setattr(p, name, v)
+    return setter
+
+
+def _int(lo: int, hi: int, attr: str | None = None):
+    def setter(p: Params, name: str, value: str) -> None:
+        target = attr or name
+        if value.strip() == "":
+            setattr(p, target, None)
+            return
+        try:
+            v = int(value.strip())
+        except ValueError:
+            raise bad_request(f"Invalid type for '{name}': expected an integer, but got a string ('{value}')",
+                              name, "invalid_type") from None
+        if not lo <= v <= hi:
+            raise bad_request(f"Invalid '{name}': {v} is not in [{lo}, {hi}]", name)
+        setattr(p, target, v)
+    return setter
+
+
+def _bool(p: Params, name: str, value: str) -> None:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        setattr(p, name, True)
+    elif v in ("false", "0", "no", "off", ""):
+        setattr(p, name, False)
+    else:
+        raise bad_request(f"Invalid type for '{name}': expected a boolean, but got a string ('{value}')",
+                          name, "invalid_type")
+
+
+def _language(p: Params, name: str, value: str) -> None:
+    if value.strip() == "":
+        p.language = None
+        return
+    code = language_code(value)
+    if code is None:
+        raise bad_request(f"Language '{value}' is not supported; give an ISO-639-1 code such as 'it' or an "
+                          "English name such as 'italian'", "language", "unsupported_language")
+    p.language = code
+
+
+def _to_language(p: Params, name: str, value: str) -> None:
+    if value.strip() == "":
+        p.to_language = None
+        return
+    code = language_code(value)
+    if p.task == "translate" and code != "en":
+        raise bad_request(f"Translations are into English only; to_language '{value}' is not supported",
+                          "to_language", "unsupported_language")
+    if p.task != "translate":
+        log.info("ignoring form field 'to_language' on a transcription")
+        return
+    p.to_language = code
+
+
+_SETTERS = {
+    "model": _model,
+    "prompt": _text,
+    "response_format": _format,
+    "temperature": _float(0.0, 1.0),
+    "language": _language,
+    "stream": _bool,
+    "stream_include_usage": _bool,
+    "seed": _int(-(2**63), 2**64 - 1),
+    "repetition_penalty": _float(0.0, 10.0, lo_open=True),
+    "max_completion_tokens": _int(1, 448, "max_completion_tokens"),
+    "max_new_tokens": _int(1, 448, "max_completion_tokens"),
+    "max_tokens": _int(1, 448, "max_completion_tokens"),
+    "to_language": _to_language,
+}
+
+
+# ---- multipart/form-data, read as it arrives --------------------------------------------------------
+
+
+@dataclass
+class FieldEvent:
+    name: str
+    value: str
+
+
+@dataclass
+class FileStart:
+    name: str
+    filename: str
+    content_type: str | None
+
+
+@dataclass
+class FileData:
+    data: bytes
+
+
+@dataclass
+class FileEnd:
+    size: int
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    mimetype, options = parse_options_header(content_type or "")
+    if mimetype != "multipart/form-data":
+        raise APIError(400, "The request must be multipart/form-data with a 'file' part (as OpenAI's audio API "
+                            f"takes it); got Content-Type '{content_type or ''}'", code="invalid_content_type")
+    boundary = options.get("boundary")
+    if not boundary:
+        raise APIError(400, "multipart/form-data without a boundary", code="invalid_content_type")
+    return boundary.encode("latin-1")
+
+
+def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file",
+                   max_file_bytes: int | None = None) -> Iterator[FieldEvent | FileStart | FileData | FileEnd]:
+    """Events of a multipart body as it is read: text fields whole, the file in chunks of about
+    CHUNK_SIZE bytes. Parts that are files but not `file_field` are read past and logged."""
+    decoder = mp.MultipartDecoder(boundary, max_parts=MAX_PARTS)
+    part: mp.Field | mp.File | None = None
+    value = bytearray()
+    pending = bytearray()
+    size = 0
+    done = False
+    while not done:
+        try:
+            event = decoder.next_event()
+        except ValueError as e:
+            raise APIError(400, f"The multipart/form-data body could not be parsed: {e}",
+                           code="invalid_multipart") from None
+        except Exception as e:  # RequestEntityTooLarge from max_parts
+            raise APIError(400, f"The multipart/form-data body could not be parsed: {e}",
+                           code="invalid_multipart") from None
+        if isinstance(event, mp.NeedData):
+            try:
+                data = stream.read(READ_SIZE)
+            except Exception as e:  # the client went away, or the body was cut short
+                raise APIError(400, f"The request body could not be read: {e}", code="invalid_body") from None
+            decoder.receive_data(data or None)
+        elif isinstance(event, mp.Field):
+            part = event
+            value.clear()
+        elif isinstance(event, mp.File):
+            part = event
+            if event.name == file_field:
+                size = 0
+                pending.clear()
+                yield FileStart(event.name, event.filename or "", event.headers.get("content-type"))
+            else:
+                log.info("ignoring file part %r", event.name)
+        elif isinstance(event, mp.Data):
+            if isinstance(part, mp.Field):
+                value.extend(event.data)
+                if len(value) > MAX_FIELD_BYTES:
+                    raise bad_request(f"The form field '{part.name}' is longer than {MAX_FIELD_BYTES} bytes",
+                                      part.name, "field_too_long")
+                if not event.more_data:
+                    charset = parse_options_header(part.headers.get("content-type", ""))[1].get("charset", "utf-8")
+                    try:
+                        text = value.decode(charset)
+                    except (UnicodeDecodeError, LookupError):
+                        raise bad_request(f"The form field '{part.name}' is not valid {charset}", part.name,
+                                          "invalid_type") from None
+                    yield FieldEvent(part.name, text)
+            elif isinstance(part, mp.File) and part.name == file_field:
+                size += len(event.data)
+                if max_file_bytes is not None and size > max_file_bytes:
+                    raise APIError(413, f"The file is larger than the {_human(max_file_bytes)} allowed",
+                                   param=file_field, code="file_too_large")
+                pending.extend(event.data)
+                if len(pending) >= CHUNK_SIZE or (not event.more_data and pending):
+                    yield FileData(bytes(pending))
+                    pending.clear()
+                if not event.more_data:
+                    yield FileEnd(size)
+        elif isinstance(event, mp.Epilogue):
+            done = True
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size and n % (size // 1024 or 1) == 0:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
