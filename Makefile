@@ -1,6 +1,7 @@
 # `make run`: set up .venv and start the gRPC service and the HTTP API on localhost.
 # `make test`: set up .venv (and the Node.js test tools) and run every check CI runs.
 PY := .venv/bin/python
+BUF := node_modules/.bin/buf
 MODEL ?= openai/whisper-large-v3
 
 .PHONY: run test pytest proto proto-check bench
@@ -22,6 +23,26 @@ test: .venv/installed node_modules/installed proto-check pytest
 
 pytest: .venv/installed
 	$(PY) -m pytest -q
+
+# Regenerate the Python stubs of the gRPC contract (dragoman/v1/) from proto/.
+proto: .venv/installed
+	scripts/gen_proto.sh
+
+# The contract is linted and formatted, has no breaking change since the previous commit
+# (skipped when that commit has no contract, or in a shallow clone), and its committed stubs
+# are what the generator writes.
+proto-check: .venv/installed node_modules/installed
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	@if git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null && git cat-file -e 'HEAD~1:buf.yaml' 2>/dev/null; then \
+		echo "$(BUF) breaking --against '.git#ref=HEAD~1'"; \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else \
+		echo "buf breaking: skipped, no previous commit with a buf module"; \
+	fi
+	PY=$(PY) scripts/gen_proto.sh
+	@git diff --exit-code --stat -- dragoman/ && test -z "$$(git ls-files --others --exclude-standard -- dragoman/)" \
+		|| { echo "error: the stubs in dragoman/ differ from proto/: run 'make proto' and commit them" >&2; exit 1; }
 
 bench: .venv/installed
 	$(PY) bench/engine.py --size base --windows 8 --batch 8 --tokens 64

@@ -1,0 +1,1 @@
+"""Generated Python stubs of Dragoman's gRPC contract (proto/); regenerate with `make proto`."""
