@@ -1,0 +1,124 @@
+"""The shim's settings: command-line flags, each with an environment twin."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024  # OpenAI's limit on audio files
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_target: str = "localhost:50051"
+    api_key: str | None = None  # None: no authentication
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    request_timeout: float = 600.0  # seconds a request may take in the service (gRPC deadline)
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    workers: int = 1
+    threads: int = 32
+    served_aliases: tuple[str, ...] = ("whisper-1",)  # names every served model also answers to
+    models_cache_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Config":
+        return parse_args([], env)
+
+    def replace(self, **changes) -> "Config":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Config(**values)
+
+
+# flag -> (environment variable, default, parser, help)
+def parse_size(text: str) -> int:
+    """Bytes: 26214400, 25MB, 25MiB, 25M, 512k."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (give bytes, or a number with KB, MB or GB)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return value
+
+
+def parse_origins(text: str) -> list[str]:
+    return [o.strip().rstrip("/") for o in str(text).split(",") if o.strip()]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+FLAGS = [
+    # flag, attribute, environment variable, type, help
+    ("--host", "host", "DRAGOMAN_HTTP_HOST", str, "address to listen on"),
+    ("--port", "port", "DRAGOMAN_HTTP_PORT", _positive_int, "port to listen on"),
+    ("--grpc-target", "grpc_target", "DRAGOMAN_GRPC_TARGET", str, "the gRPC SpeechService (host:port)"),
+    ("--api-key", "api_key", "DRAGOMAN_API_KEY", str,
+     "require 'Authorization: Bearer KEY' on /v1/ requests"),
+    ("--max-upload-bytes", "max_upload_bytes", "DRAGOMAN_MAX_UPLOAD_BYTES", parse_size,
+     "largest audio file accepted, in bytes or with a unit (25MB)"),
+    ("--request-timeout", "request_timeout", "DRAGOMAN_REQUEST_TIMEOUT", _positive_float,
+     "seconds a request may take in the service before it answers 504"),
+    ("--cors-origins", "cors_origins", "DRAGOMAN_CORS_ORIGINS", parse_origins,
+     "comma-separated origins allowed by CORS, or '*'"),
+    ("--workers", "workers", "DRAGOMAN_HTTP_WORKERS", _positive_int, "gunicorn worker processes"),
+    ("--threads", "threads", "DRAGOMAN_HTTP_THREADS", _positive_int, "threads per worker (concurrent requests)"),
+]
+
+
+def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+    defaults = Config()
+    p = argparse.ArgumentParser(
+        prog="python -m http_shim",
+        description="Dragoman's OpenAI-compatible HTTP API (/v1/audio/translations, /v1/audio/transcriptions, "
+                    "/v1/models, /health) in front of the gRPC SpeechService, served by gunicorn.")
+    for flag, attr, var, kind, help_text in FLAGS:
+        default = getattr(defaults, attr)
+        if var in env and env[var] != "":
+            try:
+                default = kind(env[var])
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                p.error(f"{var}: {e}")
+        shown = "off" if default in (None, []) else (",".join(default) if isinstance(default, list) else default)
+        if attr == "api_key" and default:
+            shown = "set"
+        p.add_argument(flag, dest=attr, type=kind, default=default,
+                       help=f"{help_text} (env {var}; default {shown})")
+    p.add_argument("--log-level", default=env.get("DRAGOMAN_LOG_LEVEL", "info"),
+                   help="debug, info, warning or error (env DRAGOMAN_LOG_LEVEL; default %(default)s)")
+    return p
+
+
+def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> Config:
+    args = build_parser(env).parse_args(argv)
+    return config_from_args(args)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = {attr: getattr(args, attr) for _, attr, *_ in FLAGS}
+    if not values["api_key"]:
+        values["api_key"] = None
+    return Config(**values)
