@@ -36,9 +36,9 @@ class Catalog:
         self._models: list[ModelInfo] = []
         self._at = -1e9
 
-    def list(self) -> list[ModelInfo]:
+    def list(self, fresh: bool = False) -> list[ModelInfo]:
         with self._lock:
-            if time.monotonic() - self._at > self.ttl or not self._models:
+            if fresh or time.monotonic() - self._at > self.ttl or not self._models:
                 self._models = self.backend.models()
                 self._at = time.monotonic()
             return list(self._models)
@@ -62,7 +62,7 @@ class Catalog:
 
     def entries(self) -> list[dict]:
         out, seen = [], set()
-        for m in self.list():
+        for m in self.list(fresh=True):
             for name in [m.id, *m.aliases]:
                 if name not in seen:
                     seen.add(name)

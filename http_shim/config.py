@@ -77,11 +77,11 @@ FLAGS = [
     ("--grpc-target", "grpc_target", "DRAGOMAN_GRPC_TARGET", str, "the gRPC SpeechService (host:port)"),
     ("--api-key", "api_key", "DRAGOMAN_API_KEY", str,
      "require 'Authorization: Bearer KEY' on /v1/ requests"),
-    ("--max-upload-bytes", "max_upload_bytes", "DRAGOMAN_MAX_UPLOAD_BYTES", parse_size,
+    ("--max-upload-bytes", "max_upload_bytes", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", parse_size,
      "largest audio file accepted, in bytes or with a unit (25MB)"),
-    ("--request-timeout", "request_timeout", "DRAGOMAN_REQUEST_TIMEOUT", _positive_float,
+    ("--request-timeout", "request_timeout", "DRAGOMAN_HTTP_REQUEST_TIMEOUT", _positive_float,
      "seconds a request may take in the service before it answers 504"),
-    ("--cors-origins", "cors_origins", "DRAGOMAN_CORS_ORIGINS", parse_origins,
+    ("--cors-origins", "cors_origins", "DRAGOMAN_HTTP_CORS_ORIGINS", parse_origins,
      "comma-separated origins allowed by CORS, or '*'"),
     ("--workers", "workers", "DRAGOMAN_HTTP_WORKERS", _positive_int, "gunicorn worker processes"),
     ("--threads", "threads", "DRAGOMAN_HTTP_THREADS", _positive_int, "threads per worker (concurrent requests)"),
@@ -107,8 +107,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
             shown = "set"
         p.add_argument(flag, dest=attr, type=kind, default=default,
                        help=f"{help_text} (env {var}; default {shown})")
-    p.add_argument("--log-level", default=env.get("DRAGOMAN_LOG_LEVEL", "info"),
-                   help="debug, info, warning or error (env DRAGOMAN_LOG_LEVEL; default %(default)s)")
+    p.add_argument("--log-level", default=env.get("DRAGOMAN_HTTP_LOG_LEVEL", "info"),
+                   help="debug, info, warning or error (env DRAGOMAN_HTTP_LOG_LEVEL; default %(default)s)")
     return p
 
 

@@ -95,10 +95,10 @@ def verbose(result: Result, task: str, granularities: list[str]) -> dict:
             "end": round(s.end, 3),
             "text": s.text,
             "tokens": list(s.tokens),
-            "temperature": s.temperature,
-            "avg_logprob": s.avg_logprob,
-            "compression_ratio": s.compression_ratio,
-            "no_speech_prob": s.no_speech_prob,
+            "temperature": _num(s.temperature),
+            "avg_logprob": _num(s.avg_logprob),
+            "compression_ratio": _num(s.compression_ratio),
+            "no_speech_prob": _num(s.no_speech_prob),
         } for s in result.segments]
     if words:
         body["words"] = [{"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
@@ -106,6 +106,11 @@ def verbose(result: Result, task: str, granularities: list[str]) -> dict:
     if task == "transcribe":
         body["usage"] = usage_duration(result.duration)
     return body
+
+
+def _num(x: float) -> float | None:
+    """A float for JSON: rounded off float32 noise; null for NaN (English-only models give no no_speech_prob)."""
+    return float(f"{x:.6g}") if math.isfinite(x) else None
 
 
 def _stamp(seconds: float, sep: str) -> str:

@@ -1,0 +1,366 @@
+"""The HTTP API without the speech service: form reading, checks, formats, SSE, errors, auth, CORS.
+
+A fake backend stands in for the gRPC service; tests/test_http_api.py runs the real processes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import uuid
+
+import pytest
+import srt
+import webvtt
+
+from http_shim import Config, create_app
+from http_shim.backend import Delta, ModelInfo, SegmentEvent, Summary
+from http_shim.errors import APIError
+from http_shim.forms import Params
+from http_shim.render import EventStream, Result, Segment, Word, render, to_srt, to_vtt
+
+SEGMENTS = [
+    Segment(0, 0, 0.0, 1.5, " Ciao a tutti.", [50364, 1, 2], 0.0, -0.25, 1.1, 0.01,
+            [Word(" Ciao", 0.0, 0.5, 0.9), Word(" a", 0.5, 0.7, 0.8), Word(" tutti.", 0.7, 1.5, 0.7)]),
+    Segment(1, 0, 1.5, 1.5, "", [], 0.0, -0.5, 1.0, 0.2),
+    Segment(2, 0, 1.5, 3.25, " Come state?", [3, 4], 0.2, -0.4, 1.2, float("nan"),
+            [Word(" Come", 1.5, 2.0, 0.6), Word(" state?", 2.0, 3.25, 0.5)]),
+]
+TEXT = "".join(s.text for s in SEGMENTS)
+
+
+class FakeCall:
+    def __init__(self, backend, request):
+        self.backend = backend
+        self.request = request
+        self.audio = bytearray()
+        self.closed = False
+        self.cancelled = False
+
+    def send(self, data):
+        if self.backend.fail_send is not None:
+            raise self.backend.fail_send
+        self.audio.extend(data)
+
+    def close_send(self):
+        self.closed = True
+
+    def events(self):
+        if self.backend.fail_events is not None:
+            raise self.backend.fail_events
+        for s in SEGMENTS:
+            if self.request.stream_deltas:
+                yield Delta(s.text)
+            yield SegmentEvent(s)
+        yield Summary(Result(text=TEXT, language=self.request.language or "it", duration=3.25,
+                             language_probability=0.9, prompt_tokens=5, completion_tokens=7))
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeBackend:
+    def __init__(self):
+        self.calls: list[FakeCall] = []
+        self.status = "SERVING"
+        self.fail_send = None
+        self.fail_events = None
+        self.down = False
+
+    def health(self):
+        return self.status
+
+    def models(self):
+        if self.down:
+            raise APIError(503, "down", code="service_unavailable")
+        return [ModelInfo("/models/whisper-large-v3", aliases=["whisper-1"])]
+
+    def start(self, request, timeout):
+        if self.down:
+            raise APIError(503, "down", code="service_unavailable")
+        call = FakeCall(self, request)
+        self.calls.append(call)
+        return call
+
+    def close(self):
+        pass
+
+
+def multipart(parts: list[tuple[str, str | tuple[str, bytes]]]) -> tuple[bytes, str]:
+    """A multipart/form-data body with the parts in the order given; (filename, bytes) for a file."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in parts:
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, tuple):
+            filename, data = value
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                      f"Content-Type: application/octet-stream\r\n\r\n".encode())
+            out.write(data)
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+            out.write(value.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+AUDIO = bytes(range(256)) * 4000  # ~1 MB: several chunks on the way to the service
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+@pytest.fixture
+def make_client(backend):
+    def make(**config):
+        app = create_app(Config(**config), backend=backend)
+        app.testing = True
+        return app.test_client()
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def post(client, path, parts, headers=None):
+    body, ctype = multipart(parts)
+    return client.post(path, data=body, headers={"Content-Type": ctype, **(headers or {})})
+
+
+def error_of(resp, status):
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# ---- rendering ------------------------------------------------------------------------------------------
+
+
+def test_srt_and_vtt_parse_and_skip_empty_segments():
+    subs = list(srt.parse(to_srt(SEGMENTS)))
+    assert [s.content for s in subs] == ["Ciao a tutti.", "Come state?"]
+    assert [s.index for s in subs] == [1, 2]
+    assert subs[1].start.total_seconds() == 1.5 and subs[1].end.total_seconds() == 3.25
+    captions = webvtt.from_string(to_vtt(SEGMENTS))
+    assert [c.text for c in captions] == ["Ciao a tutti.", "Come state?"]
+    assert captions[1].start == "00:00:01.500" and captions[1].end == "00:00:03.250"
+    assert to_srt([]) == "" and to_vtt([]).startswith("WEBVTT")
+
+
+def test_long_timestamps():
+    seg = Segment(0, 0, 3725.5, 3727.0049, " x")
+    assert "01:02:05,500 --> 01:02:07,005" in to_srt([seg])
+    assert "01:02:05.500 --> 01:02:07.005" in to_vtt([seg])
+
+
+def test_verbose_json_shape():
+    result = Result(text=TEXT, language="it", duration=3.25, segments=SEGMENTS)
+    body = json.loads(render(result, "verbose_json", "translate", []))
+    assert body["task"] == "translate" and body["language"] == "italian" and body["duration"] == 3.25
+    assert body["text"] == TEXT.strip()
+    assert "words" not in body and "usage" not in body
+    seg = body["segments"][2]
+    assert set(seg) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                        "compression_ratio", "no_speech_prob"}
+    assert seg["no_speech_prob"] is None  # NaN is not JSON
+    body = json.loads(render(result, "verbose_json", "transcribe", ["word"]))
+    assert [w["word"] for w in body["words"]] == ["Ciao", "a", "tutti.", "Come", "state?"]
+    assert "segments" not in body and body["usage"] == {"type": "duration", "seconds": 4}
+    body = json.loads(render(result, "verbose_json", "transcribe", ["word", "segment"]))
+    assert len(body["segments"]) == 3 and len(body["words"]) == 5
+
+
+def test_event_stream_joins_to_the_text():
+    for pieces in (["  Hello", " world ", " ", "again.  "], [" a"], ["", " "], [" x ", "", " y"]):
+        out = EventStream("transcribe", "m", include_usage=True)
+        events = [e for p in pieces if (e := out.delta(p)) is not None]
+        deltas = [json.loads(e[len("data: "):]) for e in events]
+        assert all(e.endswith("\n\n") and e.startswith("data: ") for e in events)
+        assert "".join(d["delta"] for d in deltas) == "".join(pieces).strip() == out.text
+        assert all(d["choices"][0]["delta"]["content"] == d["delta"] for d in deltas)
+        assert all(d["object"] == "transcription.chunk" and d["type"] == "transcript.text.delta" for d in deltas)
+        done = json.loads(out.done(3, 4)[len("data: "):])
+        assert done["type"] == "transcript.text.done" and done["text"] == out.text
+        assert done["choices"][0]["finish_reason"] == "stop" and done["usage"]["total_tokens"] == 7
+
+
+def test_params_checks():
+    p = Params("transcribe")
+    for name, value in [("temperature", "3"), ("temperature", "hot"), ("language", "xx"), ("seed", "1.5"),
+                        ("response_format", "docx"), ("stream", "maybe"), ("repetition_penalty", "0"),
+                        ("max_completion_tokens", "449"), ("timestamp_granularities[]", "sentence")]:
+        with pytest.raises(APIError) as e:
+            p.set_field(name, value)
+        assert e.value.status == 400 and e.value.param.rstrip("[]") == name.rstrip("[]")
+    p.set_field("language", "Italian")
+    p.set_field("temperature", "0.2")
+    p.set_field("timestamp_granularities[]", "word")
+    assert p.language == "it" and p.temperature == 0.2 and not p.word_timestamps
+    p.set_field("response_format", "verbose_json")
+    assert p.word_timestamps
+    assert p.set_field("chunking_strategy", "auto") is False
+    t = Params("translate")
+    t.set_field("to_language", "en")
+    with pytest.raises(APIError):
+        t.set_field("to_language", "fr")
+
+
+# ---- the application ----------------------------------------------------------------------------------------
+
+
+FIELDS = [("model", "whisper-1"), ("language", "it"), ("temperature", "0"), ("seed", "4419"),
+          ("repetition_penalty", "1.3")]
+
+
+@pytest.mark.parametrize("order", ["fields_first", "file_first", "file_between"])
+def test_audio_reaches_the_service_whatever_the_field_order(client, backend, order):
+    file = ("file", ("a.wav", AUDIO))
+    parts = {"fields_first": FIELDS + [file], "file_first": [file] + FIELDS,
+             "file_between": FIELDS[:1] + [file] + FIELDS[1:]}[order]
+    resp = post(client, "/v1/audio/translations", parts + [("response_format", "json")])
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json() == {"text": TEXT.strip()}
+    live = [c for c in backend.calls if not c.cancelled or c.closed]
+    call = backend.calls[-1]
+    assert bytes(call.audio) == AUDIO and call.closed
+    r = call.request
+    assert (r.task, r.model, r.language, r.temperature, r.seed, r.repetition_penalty) == (
+        "translate", "/models/whisper-large-v3", "it", 0.0, 4419, 1.3)
+    assert live
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "srt", "verbose_json", "vtt"])
+def test_formats(client, fmt):
+    resp = post(client, "/v1/audio/transcriptions", [("model", "whisper-large-v3"), ("response_format", fmt),
+                                                      ("file", ("a.mp3", AUDIO))])
+    assert resp.status_code == 200
+    text = resp.get_data(as_text=True)
+    if fmt == "json":
+        assert resp.get_json() == {"text": TEXT.strip(), "usage": {"type": "duration", "seconds": 4}}
+    elif fmt == "text":
+        assert resp.mimetype == "text/plain" and text == TEXT.strip()
+    elif fmt == "srt":
+        assert len(list(srt.parse(text))) == 2
+    elif fmt == "vtt":
+        assert resp.mimetype == "text/vtt" and len(webvtt.from_string(text)) == 2
+    else:
+        assert resp.get_json()["language"] == "italian"
+
+
+def test_stream(client):
+    resp = post(client, "/v1/audio/transcriptions", [("model", "whisper-1"), ("stream", "true"),
+                                                      ("stream_include_usage", "true"), ("file", ("a.wav", AUDIO))])
+    assert resp.status_code == 200 and resp.mimetype == "text/event-stream"
+    lines = [line for line in resp.get_data(as_text=True).split("\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    deltas = [e["choices"][0]["delta"]["content"] for e in events if e.get("choices")]
+    assert "".join(deltas) == TEXT.strip()
+    assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done",
+                                                                          "transcript.text.usage"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 12
+
+
+def test_stream_error_before_first_event_keeps_its_status(client, backend):
+    backend.fail_events = APIError(400, "bad audio", param="file", code="invalid_file")
+    resp = post(client, "/v1/audio/transcriptions", [("stream", "true"), ("file", ("a.wav", AUDIO))])
+    assert error_of(resp, 400)["param"] == "file"
+
+
+@pytest.mark.parametrize("parts,status,param", [
+    ([("model", "whisper-1")], 400, "file"),
+    ([("file", ("a.wav", b""))], 400, "file"),
+    ([("file", "not a file")], 400, "file"),
+    ([("temperature", "3"), ("file", ("a.wav", AUDIO))], 400, "temperature"),
+    ([("file", ("a.wav", AUDIO)), ("temperature", "warm")], 400, "temperature"),
+    ([("language", "xx"), ("file", ("a.wav", AUDIO))], 400, "language"),
+    ([("response_format", "docx"), ("file", ("a.wav", AUDIO))], 400, "response_format"),
+    ([("stream", "true"), ("response_format", "srt"), ("file", ("a.wav", AUDIO))], 400, "stream"),
+    ([("model", "gpt-4o-transcribe"), ("file", ("a.wav", AUDIO))], 404, "model"),
+])
+def test_bad_requests(client, backend, parts, status, param):
+    resp = post(client, "/v1/audio/transcriptions", parts)
+    assert error_of(resp, status)["param"] == param
+    assert all(c.cancelled for c in backend.calls)
+    assert post(client, "/v1/audio/transcriptions", [("file", ("a.wav", AUDIO))]).status_code == 200
+
+
+def test_not_multipart(client):
+    assert error_of(client.post("/v1/audio/translations", json={"model": "whisper-1"}), 400)["param"] is None
+
+
+def test_oversize(make_client):
+    client = make_client(max_upload_bytes=100_000)
+    assert error_of(post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO))]), 413)["param"] == "file"
+    body, ctype = multipart([("file", ("a.wav", AUDIO))])
+    chunked = client.post("/v1/audio/translations", input_stream=io.BytesIO(body),
+                          headers={"Content-Type": ctype, "Transfer-Encoding": "chunked"},
+                          environ_overrides={"wsgi.input_terminated": True})
+    assert error_of(chunked, 413)["code"] == "file_too_large"
+    assert post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO[:50_000]))]).status_code == 200
+
+
+def test_service_errors_map_to_statuses(client, backend):
+    backend.fail_send = APIError(429, "busy", code="rate_limit_exceeded", retry_after=1.5)
+    resp = post(client, "/v1/audio/translations", [("model", "whisper-1"), ("file", ("a.wav", AUDIO))])
+    assert error_of(resp, 429)["code"] == "rate_limit_exceeded" and resp.headers["Retry-After"] == "2"
+    backend.fail_send = None
+    backend.down = True
+    assert error_of(post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO))]), 503)
+    assert error_of(client.get("/v1/models"), 503)
+
+
+def test_api_key(make_client):
+    client = make_client(api_key="sk-test-123456")
+    assert error_of(client.get("/v1/models"), 401)["code"] is None
+    assert error_of(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)["code"] == "invalid_api_key"
+    resp = post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO))], {"Authorization": "Bearer bad"})
+    assert error_of(resp, 401)
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-test-123456"}).status_code == 200
+    assert client.get("/health").status_code == 200  # health needs no key
+
+
+def test_models_and_health(client, backend):
+    data = client.get("/v1/models").get_json()
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == ["/models/whisper-large-v3", "whisper-1"]
+    assert all(m["object"] == "model" and "created" in m and "owned_by" in m for m in data["data"])
+    assert client.get("/v1/models/whisper-1").get_json()["id"] == "whisper-1"
+    assert error_of(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
+    assert client.get("/health").status_code == 200
+    backend.status = "NOT_SERVING"
+    assert client.get("/health").status_code == 503
+    assert error_of(client.get("/v1/nothing"), 404)
+    assert error_of(client.get("/v1/audio/translations"), 405)
+
+
+def test_cors(make_client):
+    off = make_client()
+    assert "Access-Control-Allow-Origin" not in off.get("/v1/models", headers={"Origin": "https://a.example"}).headers
+    on = make_client(cors_origins=["https://a.example"])
+    pre = on.options("/v1/audio/translations", headers={"Origin": "https://a.example",
+                                                        "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 204 and pre.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    other = on.get("/v1/models", headers={"Origin": "https://b.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_config_flags_and_env():
+    from http_shim.config import parse_args
+
+    c = parse_args(["--port", "9000", "--max-upload-bytes", "10MB", "--cors-origins", "https://a, https://b/"],
+                   env={"DRAGOMAN_API_KEY": "k", "DRAGOMAN_GRPC_TARGET": "svc:1"})
+    assert (c.port, c.max_upload_bytes, c.cors_origins, c.api_key, c.grpc_target) == (
+        9000, 10 << 20, ["https://a", "https://b"], "k", "svc:1")
+    d = parse_args([], env={})
+    assert (d.port, d.max_upload_bytes, d.api_key, d.cors_origins) == (8000, 25 << 20, None, [])
+    assert math.isclose(parse_args([], env={"DRAGOMAN_HTTP_REQUEST_TIMEOUT": "2.5"}).request_timeout, 2.5)
