@@ -1,0 +1,93 @@
+"""Decoding equals openai-whisper's `decode()` and `transcribe()` on the same random weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from audio_signals import speechlike
+from random_models import openai_model
+from service.engine import Engine, TranscribeOptions
+
+
+@pytest.fixture(scope="module", params=["tiny_model", "v3_model"])
+def pair(request):
+    """(our engine, openai-whisper model) on the same weights."""
+    directory, hf = request.getfixturevalue(request.param)
+    engine = Engine.load(str(directory), max_batch=4)
+    yield engine, openai_model(hf)[0]
+    engine.close()
+
+
+def window_mel(n_mels: int, seconds: float = 12.0, seed: int = 0) -> np.ndarray:
+    audio = whisper.pad_or_trim(torch.from_numpy(speechlike(seconds, seed=seed)))
+    return whisper.log_mel_spectrogram(audio, n_mels).numpy()
+
+
+CASES = {
+    "translate": dict(task="translate", language="it"),
+    "transcribe": dict(task="transcribe", language="de"),
+    "translate-no-timestamps": dict(task="translate", language="fr", without_timestamps=True),
+    "transcribe-no-timestamps": dict(task="transcribe", language="en", without_timestamps=True),
+    "prompt": dict(task="transcribe", language="it", prompt="Nel mezzo del cammin di nostra vita"),
+    "prompt-no-timestamps": dict(task="translate", language="es", prompt="Hola, Ana.", without_timestamps=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_decode_equals_openai_whisper(pair, case):
+    engine, om = pair
+    kw = CASES[case]
+    mel = window_mel(engine.dims.n_mels, seed=len(case))
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, temperature=0.0, **kw))
+    ours, language = engine.decode(mel, TranscribeOptions(
+        task=kw["task"], language=kw["language"], prompt=kw.get("prompt"), temperatures=(0.0,),
+        timestamps=not kw.get("without_timestamps", False)))
+    assert len(ref.tokens) > 0
+    assert ours.tokens == ref.tokens
+    assert ours.text == ref.text
+    assert language == ref.language
+    assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
+    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+    assert ours.compression_ratio == pytest.approx(ref.compression_ratio)
+
+
+def test_timestamps_are_produced_and_ordered(pair):
+    engine, _ = pair
+    result, _ = engine.decode(window_mel(engine.dims.n_mels, seed=9), TranscribeOptions(language="en", temperatures=(0.0,)))
+    stamps = [t - engine.tokenizer.timestamp_begin for t in result.tokens if t >= engine.tokenizer.timestamp_begin]
+    assert stamps, "a timestamped decode holds timestamp tokens"
+    assert stamps == sorted(stamps)
+    assert stamps[0] <= 50  # max_initial_timestamp = 1 s
+
+
+def test_language_detection_equals_openai_whisper(pair):
+    engine, om = pair
+    mel = window_mel(engine.dims.n_mels, seed=3)
+    _, ref_probs = whisper.detect_language(om, torch.from_numpy(mel))
+    ours = engine.detect_language(mel)
+    assert ours.keys() == ref_probs.keys()
+    for code, p in ref_probs.items():
+        assert ours[code] == pytest.approx(p, abs=1e-4)
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, task="translate"))
+    result, language = engine.decode(mel, TranscribeOptions(task="translate", temperatures=(0.0,)))
+    assert language == ref.language == max(ref_probs, key=ref_probs.get)
+    assert result.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("task", ["transcribe", "translate"])
+def test_sequential_mode_equals_openai_transcribe_on_70s(pair, task):
+    engine, om = pair
+    audio = speechlike(70.0, seed=11)
+    ref = whisper.transcribe(om, audio, task=task, temperature=0.0, fp16=False, verbose=None)
+    ours = engine.transcribe(audio, TranscribeOptions(task=task, mode="sequential", temperatures=(0.0,)))
+    assert ours.language == ref["language"]
+    assert len(ours.segments) == len(ref["segments"]) > 1
+    for a, b in zip(ours.segments, ref["segments"]):
+        assert (a.id, a.seek, a.tokens, a.text) == (b["id"], b["seek"], b["tokens"], b["text"])
+        assert a.start == pytest.approx(b["start"], abs=1e-3)
+        assert a.end == pytest.approx(b["end"], abs=1e-3)
+        assert a.avg_logprob == pytest.approx(b["avg_logprob"], abs=1e-4)
+        assert a.no_speech_prob == pytest.approx(b["no_speech_prob"], abs=1e-4)
+    assert ours.text == ref["text"]
