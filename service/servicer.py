@@ -1,0 +1,331 @@
+"""dragoman.v1.SpeechService on grpc.aio: one streaming call from its Config to its Summary.
+
+Each Translate/Transcribe call runs the engine's blocking `transcribe()` on a worker thread;
+all calls share the engine's scheduler, which batches their windows together. Segments come
+back to the event loop through `call_soon_threadsafe` and go out as soon as they are final.
+Headerless PCM goes to the engine piece by piece as it arrives, so decoding starts before the
+upload ends; a container file is decoded once it has fully arrived.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Iterator
+
+import grpc
+import numpy as np
+from google.protobuf import duration_pb2
+
+from dragoman.v1 import speech_pb2 as pb
+from dragoman.v1 import speech_pb2_grpc
+
+from . import errors
+from .audio import AudioError, AudioLimits, decode_audio
+from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription
+from .engine import Segment as EngineSegment
+from .engine.languages import LANGUAGES, language_code
+from .errors import ServiceError, invalid_argument
+from .pcm_stream import PcmStream
+from .settings import ServerConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechService"].full_name
+PCM_ENCODINGS = {pb.AUDIO_ENCODING_S16LE: "s16le", pb.AUDIO_ENCODING_F32LE: "f32le"}
+MODES = {pb.LONG_FORM_MODE_BATCHED: "batched", pb.LONG_FORM_MODE_SEQUENTIAL: "sequential"}
+# TranscribeOptions.validate names the option at fault first; the request field it comes from:
+OPTION_FIELDS = {"temperature": "config.temperature", "temperatures": "config.temperature",
+                 "repetition_penalty": "config.repetition_penalty", "max_new_tokens": "config.max_new_tokens",
+                 "language": "config.language", "mode": "config.long_form_mode",
+                 "word_timestamps": "config.timestamp_granularities", "prompt": "config.prompt"}
+
+
+class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
+    def __init__(self, config: ServerConfig, executor: ThreadPoolExecutor):
+        self.config = config
+        self.executor = executor
+        self.engine = None  # set once loaded and warmed up
+        self.draining = False
+        self.active = 0  # Translate/Transcribe calls in progress
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model_id or self.engine.name
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    async def Translate(self, request_iterator, context) -> AsyncIterator[pb.TranslateResponse]:
+        async for response in self._stream("translate", request_iterator, context, pb.TranslateResponse):
+            yield response
+
+    async def Transcribe(self, request_iterator, context) -> AsyncIterator[pb.TranscribeResponse]:
+        async for response in self._stream("transcribe", request_iterator, context, pb.TranscribeResponse):
+            yield response
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        if self.engine is None:
+            await context.abort_with_status(errors.unavailable("the model is still loading").status())
+        languages = [pb.Language(code=code, name=LANGUAGES.get(code, code)) for code in self.engine.languages]
+        multilingual = bool(self.engine.tokenizer.is_multilingual)
+        model = pb.Model(id=self.model_id, aliases=list(self.config.aliases),
+                         languages=languages if multilingual else [pb.Language(code="en", name="english")],
+                         multilingual=multilingual)
+        return pb.ListModelsResponse(models=[model])
+
+    # ---- one streaming call --------------------------------------------------------------
+
+    async def _stream(self, task: str, requests, context, response_type):
+        if self.engine is None:
+            await context.abort_with_status(errors.unavailable("the model is still loading").status())
+        if self.draining:
+            await context.abort_with_status(errors.unavailable("the server is shutting down").status())
+        if self.active >= self.config.max_concurrent_streams:
+            await context.abort_with_status(errors.resource_exhausted(
+                f"the server is already serving {self.active} calls, its limit").status())
+        self.active += 1
+        call = _Call(self, task, requests.__aiter__(), response_type)
+        try:
+            async for response in call.run():
+                yield response
+        except ServiceError as e:
+            if e.code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", task, e.message)
+            await context.abort_with_status(e.status())
+        finally:
+            self.active -= 1
+            call.stop()
+
+
+class _Call:
+    """The state of one Translate/Transcribe call."""
+
+    def __init__(self, servicer: SpeechServicer, task: str, requests: AsyncIterator, response_type):
+        self.servicer = servicer
+        self.config = servicer.config
+        self.engine = servicer.engine
+        self.task = task
+        self.requests = requests
+        self.response_type = response_type
+        self.cancel = threading.Event()  # set: the engine drops this call's windows at once
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.receiver: asyncio.Task | None = None
+        self.input_error: ServiceError | None = None
+
+    def stop(self) -> None:
+        self.cancel.set()
+        if self.receiver is not None and not self.receiver.done():
+            self.receiver.cancel()
+
+    async def run(self):
+        first = await anext(self.requests, None)
+        if first is None:
+            raise invalid_argument("config", "the call ended before its config; send a config message first")
+        if first.WhichOneof("payload") != "config":
+            raise invalid_argument("config", "audio came before the config; the first message must hold the config")
+        options, pcm = self._options(first.config)
+        stream_deltas = first.config.stream_deltas
+        loop = asyncio.get_running_loop()
+
+        if pcm is None:
+            data = await self._receive_all()
+            try:
+                audio = await loop.run_in_executor(self.servicer.executor, decode_audio, data,
+                                                   AudioLimits(self.config.max_audio_seconds))
+            except AudioError as e:
+                raise invalid_argument("audio", str(e)) from None
+        else:
+            feed: queue.Queue = queue.Queue()
+            audio = self._pieces(feed)
+            self.receiver = asyncio.create_task(self._receive_pcm(pcm, feed))
+
+        def on_segment(segment: EngineSegment) -> None:
+            loop.call_soon_threadsafe(self.events.put_nowait, ("segment", segment))
+
+        def transcribe():  # never raises: its exception is the result, so asyncio does not translate it
+            try:
+                return self.engine.transcribe(audio, options, on_segment=on_segment, cancel=self.cancel), None
+            except BaseException as e:
+                return None, e
+
+        done = loop.run_in_executor(self.servicer.executor, transcribe)
+        done.add_done_callback(lambda f: self.events.put_nowait(
+            ("done", (None, concurrent.futures.CancelledError()) if f.cancelled() else f.result())))
+        while True:
+            kind, value = await self.events.get()
+            if kind == "segment":
+                if stream_deltas:
+                    yield self.response_type(delta=pb.Delta(text=value.text))
+                yield self.response_type(segment=_segment(value))
+            elif kind == "input_error":
+                raise value
+            else:
+                result, error = value
+                break
+        if self.input_error is not None:
+            raise self.input_error
+        if error is not None:
+            raise self._engine_error(error)
+        yield self.response_type(summary=_summary(result))
+
+    # -- the Config
+
+    def _options(self, c: pb.Config) -> tuple[TranscribeOptions, PcmStream | None]:
+        allowed = {"", self.servicer.model_id, self.engine.name, *self.config.aliases}
+        if c.model not in allowed:
+            raise invalid_argument("config.model", f"model {c.model!r} is not served here; use "
+                                   f"{self.servicer.model_id!r}, {' or '.join(map(repr, self.config.aliases))}, or leave it empty")
+        language = None
+        if c.language.strip():
+            language = language_code(c.language)
+            if language is None:
+                raise invalid_argument("config.language", f"unknown language {c.language!r}; give a code such as 'it' "
+                                       "or an English name such as 'Italian'")
+        temperatures = DEFAULT_TEMPERATURES
+        if c.HasField("temperature"):
+            t = c.temperature
+            if not 0.0 <= t <= 1.0:  # NaN fails too
+                raise invalid_argument("config.temperature", f"temperature must be in [0, 1], got {t:g}")
+            temperatures = (t,) + tuple(x for x in DEFAULT_TEMPERATURES if x > t)
+        mode = MODES.get(c.long_form_mode, self.config.default_mode)
+        if c.long_form_mode not in MODES and c.long_form_mode != pb.LONG_FORM_MODE_UNSPECIFIED:
+            raise invalid_argument("config.long_form_mode", f"unknown long-form mode {c.long_form_mode}")
+        for g in c.timestamp_granularities:
+            if g not in (pb.TIMESTAMP_GRANULARITY_UNSPECIFIED, pb.TIMESTAMP_GRANULARITY_SEGMENT,
+                         pb.TIMESTAMP_GRANULARITY_WORD):
+                raise invalid_argument("config.timestamp_granularities", f"unknown timestamp granularity {g}")
+        words = pb.TIMESTAMP_GRANULARITY_WORD in c.timestamp_granularities
+        try:
+            options = TranscribeOptions(
+                task=self.task, language=language, prompt=c.prompt or None, temperatures=temperatures, seed=c.seed,
+                repetition_penalty=c.repetition_penalty if c.HasField("repetition_penalty") else 1.0,
+                max_new_tokens=c.max_new_tokens if c.HasField("max_new_tokens") else None,
+                timestamps=True, mode=mode, word_timestamps=words)
+            options.validate(self.engine.languages if self.engine.tokenizer.is_multilingual else None)
+        except ValueError as e:
+            raise invalid_argument(_option_field(str(e)), str(e)) from None
+
+        pcm = None
+        if c.encoding != pb.AUDIO_ENCODING_UNSPECIFIED:
+            if c.encoding not in PCM_ENCODINGS:
+                raise invalid_argument("config.encoding", f"unknown audio encoding {c.encoding}")
+            if c.sample_rate_hertz == 0:
+                raise invalid_argument("config.sample_rate_hertz", "PCM audio needs its sample rate, in [8000, 192000] Hz")
+            if not 8000 <= c.sample_rate_hertz <= 192000:
+                raise invalid_argument("config.sample_rate_hertz",
+                                       f"sample_rate_hertz must be in [8000, 192000], got {c.sample_rate_hertz}")
+            if c.channels > 8:
+                raise invalid_argument("config.channels", f"channels must be in [1, 8] (0 means 1), got {c.channels}")
+            pcm = PcmStream(PCM_ENCODINGS[c.encoding], c.sample_rate_hertz, c.channels or 1)
+        return options, pcm
+
+    # -- the audio
+
+    def _check_message(self, message, received: int) -> bytes:
+        if message.WhichOneof("payload") != "audio":
+            raise invalid_argument("config", "a second config; the config comes once, in the first message")
+        if received + len(message.audio) > self.config.max_upload_bytes:
+            raise invalid_argument("audio", f"the audio is larger than the {self.config.max_upload_bytes} bytes allowed")
+        return message.audio
+
+    async def _receive_all(self) -> bytes:
+        chunks, received = [], 0
+        async for message in self.requests:
+            data = self._check_message(message, received)
+            chunks.append(data)
+            received += len(data)
+        if received == 0:
+            raise invalid_argument("audio", "the audio is empty; send the audio after the config")
+        return b"".join(chunks)
+
+    async def _receive_pcm(self, pcm: PcmStream, feed: queue.Queue) -> None:
+        """Reads PCM messages into `feed` until the half-close; a bad one ends the call."""
+        received = 0
+        try:
+            async for message in self.requests:
+                data = self._check_message(message, received)
+                received += len(data)
+                pieces = pcm.push(data)
+                if pcm.seconds_in > self.config.max_audio_seconds:
+                    raise invalid_argument("audio", f"the audio is longer than the {self.config.max_audio_seconds:g} s allowed")
+                if len(pieces):
+                    feed.put(pieces)
+            if received == 0:
+                raise invalid_argument("audio", "the audio is empty; send the audio after the config")
+            tail = pcm.finish()
+            if len(tail):
+                feed.put(tail)
+            feed.put(None)
+        except AudioError as e:
+            self._fail_input(invalid_argument("audio", str(e)))
+        except ServiceError as e:
+            self._fail_input(e)
+        except Exception as e:  # the request stream broke
+            log.warning("%s: reading the audio failed: %r", self.task, e)
+            self._fail_input(errors.cancelled(f"reading the audio failed: {e}"))
+
+    def _fail_input(self, error: ServiceError) -> None:
+        self.input_error = error
+        self.cancel.set()
+        self.events.put_nowait(("input_error", error))
+
+    def _pieces(self, feed: queue.Queue) -> Iterator[np.ndarray]:
+        """The PCM as it arrives, read on the engine's side; ends at the half-close, and
+        stops (CancelledError) once the call is cancelled."""
+        while True:
+            try:
+                piece = feed.get(timeout=0.1)
+            except queue.Empty:
+                if self.cancel.is_set():
+                    raise concurrent.futures.CancelledError() from None
+                continue
+            if piece is None:
+                return
+            yield piece
+
+    # -- the engine's errors
+
+    def _engine_error(self, e: BaseException) -> ServiceError:
+        if isinstance(e, ServiceError):
+            return e
+        if isinstance(e, QueueFull):
+            return errors.resource_exhausted(f"the decoding queue is full ({e}); retry later")
+        if isinstance(e, SchedulerClosed):
+            return errors.unavailable("the server is shutting down")
+        if isinstance(e, concurrent.futures.CancelledError):
+            return errors.cancelled("the call was cancelled")
+        if isinstance(e, AudioError) or (isinstance(e, ValueError) and "audio" in str(e)):
+            return invalid_argument("audio", str(e))
+        if isinstance(e, ValueError):
+            return invalid_argument(_option_field(str(e)), str(e))
+        log.error("%s failed", self.task, exc_info=e)
+        return errors.internal(f"{type(e).__name__}: {e}")
+
+
+def _option_field(message: str) -> str:
+    return OPTION_FIELDS.get(message.split(" ", 1)[0], "config")
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    nanos = max(0, round(seconds * 1e9))
+    return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
+
+
+def _segment(s: EngineSegment) -> pb.Segment:
+    words = [pb.Word(word=w.word, start_offset=_duration(w.start), end_offset=_duration(w.end),
+                     probability=float(w.probability))
+             for w in getattr(s, "words", None) or []]
+    return pb.Segment(id=s.id, seek=s.seek, start_offset=_duration(s.start), end_offset=_duration(s.end), text=s.text,
+                      tokens=[int(t) for t in s.tokens], temperature=float(s.temperature),
+                      avg_logprob=float(s.avg_logprob), compression_ratio=float(s.compression_ratio),
+                      no_speech_prob=float(s.no_speech_prob), words=words)
+
+
+def _summary(r: Transcription) -> pb.Summary:
+    return pb.Summary(text=r.text, language=r.language, language_probability=float(r.language_probability),
+                      duration=_duration(r.duration),
+                      usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                                     audio_seconds=r.duration))

@@ -1,0 +1,67 @@
+"""The gRPC server's settings: flags of `python -m service serve`, each with an environment twin."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .engine import MODES
+
+WHISPER_ALIAS = "whisper-1"  # the model name OpenAI's clients send
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    max_concurrent_streams: int = 16  # Translate/Transcribe calls at once; more get RESOURCE_EXHAUSTED
+    max_audio_seconds: float = 4 * 3600.0  # decoded audio per call
+    max_upload_bytes: int = 512 * 1024 * 1024  # audio bytes per call
+    default_mode: str = "batched"  # long-form mode when the request leaves it unspecified
+    grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM/SIGINT
+    model_id: str | None = None  # the served model's id; None: the engine's name
+    aliases: tuple[str, ...] = (WHISPER_ALIAS,)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be at least 1, got {self.max_upload_bytes}")
+        if self.default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {self.default_mode!r}")
+        if self.grace_period < 0:
+            raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    d = ServerConfig()
+    p.add_argument("--host", default=env("DRAGOMAN_HOST", d.host),
+                   help="address to listen on; 0.0.0.0 or [::] for every interface (env DRAGOMAN_HOST; default %(default)s)")
+    p.add_argument("--port", type=int, default=int(env("DRAGOMAN_PORT", d.port)),
+                   help="port to listen on; 0 picks a free one (env DRAGOMAN_PORT; default %(default)s)")
+    p.add_argument("--max-concurrent-streams", type=int,
+                   default=int(env("DRAGOMAN_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams)),
+                   help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with "
+                        "a retry delay (env DRAGOMAN_MAX_CONCURRENT_STREAMS; default %(default)s)")
+    p.add_argument("--max-audio-seconds", type=float, default=float(env("DRAGOMAN_MAX_AUDIO_SECONDS", d.max_audio_seconds)),
+                   help="longest audio accepted per call, in seconds (env DRAGOMAN_MAX_AUDIO_SECONDS; default %(default)g)")
+    p.add_argument("--max-upload-bytes", type=int, default=int(env("DRAGOMAN_MAX_UPLOAD_BYTES", d.max_upload_bytes)),
+                   help="most audio bytes accepted per call (env DRAGOMAN_MAX_UPLOAD_BYTES; default %(default)s = 512 MiB)")
+    p.add_argument("--default-mode", choices=MODES, default=env("DRAGOMAN_DEFAULT_MODE", d.default_mode),
+                   help="long-form mode for requests that leave it unspecified: batched (30 s windows cut at pauses, "
+                        "decoded at once) or sequential (openai-whisper's loop) (env DRAGOMAN_DEFAULT_MODE; "
+                        "default %(default)s)")
+    p.add_argument("--grace-period", type=float, default=float(env("DRAGOMAN_GRACE_PERIOD", d.grace_period)),
+                   help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are "
+                        "cancelled (env DRAGOMAN_GRACE_PERIOD; default %(default)g)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(host=args.host, port=args.port, max_concurrent_streams=args.max_concurrent_streams,
+                        max_audio_seconds=args.max_audio_seconds, max_upload_bytes=args.max_upload_bytes,
+                        default_mode=args.default_mode, grace_period=args.grace_period, model_id=args.model)
