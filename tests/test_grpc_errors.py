@@ -1,0 +1,194 @@
+"""Every error of the contract: its status code, its google.rpc details, and a server that
+keeps serving afterwards."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from dragoman.v1 import speech_pb2 as pb
+from grpc_support import (call, config, encode, error_details, pcm, requests, seconds, start_server, stub, tone,
+                          violated_fields)
+
+S16 = pb.AUDIO_ENCODING_S16LE
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = start_server(tiny_engine)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(tiny_engine):
+    """A server with small limits: one call at a time, 2 s of audio, 40 kB per call."""
+    srv = start_server(tiny_engine, max_concurrent_streams=1, max_audio_seconds=2.0, max_upload_bytes=40_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def wav():
+    return encode(tone(1.0), 16000, "wav", "pcm_s16le")
+
+
+def fails(client, messages, task: str = "translate", timeout: float = 60) -> grpc.RpcError:
+    method = client.Translate if task == "translate" else client.Transcribe
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in method(iter(list(messages)), timeout=timeout):
+            pass
+    return info.value
+
+
+def invalid(err: grpc.RpcError, field: str) -> str:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert violated_fields(err) == [field]
+    description = error_details(err)["bad_request"].field_violations[0].description
+    assert description and field in err.details()
+    return description
+
+
+def wait_idle(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.servicer.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.servicer.active == 0
+
+
+@pytest.mark.parametrize("language", ["klingon", "xx", "english (us)"])
+def test_unknown_language(server, wav, language):
+    err = fails(stub(server.port), requests("translate", config(language=language), wav))
+    assert repr(language) in invalid(err, "config.language")
+
+
+@pytest.mark.parametrize("temperature", [-0.1, 1.5, float("nan")])
+def test_temperature_out_of_range(server, wav, temperature):
+    invalid(fails(stub(server.port), requests("transcribe", config(temperature=temperature), wav), "transcribe"),
+            "config.temperature")
+
+
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 0.0), ("repetition_penalty", 11.0),
+                                         ("max_new_tokens", 0), ("max_new_tokens", 449)])
+def test_option_out_of_range(server, wav, field, value):
+    invalid(fails(stub(server.port), requests("translate", config(**{field: value}), wav)), f"config.{field}")
+
+
+def test_unknown_model(server, wav):
+    description = invalid(fails(stub(server.port), requests("translate", config(model="whisper-2"), wav)),
+                          "config.model")
+    assert "whisper-2" in description and "whisper-1" in description
+
+
+def test_audio_before_config(server, wav):
+    messages = [pb.TranslateRequest(audio=wav[:1000]), pb.TranslateRequest(config=config())]
+    invalid(fails(stub(server.port), messages), "config")
+
+
+def test_no_messages(server):
+    invalid(fails(stub(server.port), []), "config")
+
+
+@pytest.mark.parametrize("pcm_input", [False, True])
+def test_second_config(server, wav, pcm_input):
+    cfg = config(encoding=S16, sample_rate_hertz=16000) if pcm_input else config()
+    messages = [pb.TranslateRequest(config=cfg), pb.TranslateRequest(audio=wav[:4000]),
+                pb.TranslateRequest(config=cfg), pb.TranslateRequest(audio=wav[4000:])]
+    invalid(fails(stub(server.port), messages), "config")
+
+
+@pytest.mark.parametrize("pcm_input", [False, True])
+def test_empty_audio(server, pcm_input):
+    cfg = config(encoding=S16, sample_rate_hertz=16000) if pcm_input else config()
+    invalid(fails(stub(server.port), [pb.TranscribeRequest(config=cfg)], "transcribe"), "audio")
+    invalid(fails(stub(server.port), [pb.TranscribeRequest(config=cfg), pb.TranscribeRequest(audio=b"")],
+                  "transcribe"), "audio")
+
+
+@pytest.mark.parametrize("data", [b"not audio at all" * 100, bytes(range(256)) * 64, b"RIFF\x00\x00\x00\x00WAVEfmt "])
+def test_undecodable_audio(server, data):
+    invalid(fails(stub(server.port), requests("translate", config(), data)), "audio")
+
+
+def test_pcm_config(server):
+    s = stub(server.port)
+    invalid(fails(s, requests("translate", config(encoding=S16), b"\0\0" * 100)), "config.sample_rate_hertz")
+    invalid(fails(s, requests("translate", config(encoding=S16, sample_rate_hertz=1000), b"\0\0" * 100)),
+            "config.sample_rate_hertz")
+    invalid(fails(s, requests("translate", config(encoding=S16, sample_rate_hertz=16000, channels=9), b"\0\0" * 100)),
+            "config.channels")
+    invalid(fails(s, requests("translate", config(encoding=99, sample_rate_hertz=16000), b"\0\0" * 100)),
+            "config.encoding")
+
+
+def test_pcm_cut_inside_a_frame(server):
+    data = pcm(tone(1.0, channels=2), "s16le")[:-1]
+    description = invalid(fails(stub(server.port), requests("translate", config(encoding=S16, sample_rate_hertz=16000,
+                                                                                channels=2), data)), "audio")
+    assert "4-byte frames" in description
+
+
+def test_upload_larger_than_allowed(tight):
+    data = encode(tone(1.5), 16000, "wav", "pcm_s16le")  # 48 kB
+    assert "40000 bytes" in invalid(fails(stub(tight.port), requests("translate", config(), data)), "audio")
+    pcm_data = pcm(tone(1.5), "s16le")
+    invalid(fails(stub(tight.port), requests("translate", config(encoding=S16, sample_rate_hertz=16000), pcm_data)),
+            "audio")
+    wait_idle(tight)
+
+
+def test_audio_longer_than_allowed(tight):
+    data = encode(tone(3.0), 16000, "mp3", "libmp3lame", bit_rate=32000)  # 3 s in a small file
+    assert len(data) < 40_000
+    assert "2 s" in invalid(fails(stub(tight.port), requests("translate", config(), data)), "audio")
+    pcm_data = pcm(tone(2.2, sample_rate=8000), "s16le")  # 2.2 s in 35 kB
+    assert "2 s" in invalid(fails(stub(tight.port), requests("translate", config(encoding=S16, sample_rate_hertz=8000),
+                                                              pcm_data)), "audio")
+    wait_idle(tight)
+
+
+def test_too_many_streams(tight, wav):
+    """The limit of concurrent calls gives RESOURCE_EXHAUSTED with a retry delay; the held call
+    still completes."""
+    s = stub(tight.port)
+    release = threading.Event()
+
+    def held():
+        yield pb.TranslateRequest(config=config())
+        release.wait(30)
+        yield pb.TranslateRequest(audio=wav)
+
+    first = s.Translate(held(), timeout=120)
+    deadline = time.monotonic() + 10
+    while tight.servicer.active == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        err = fails(s, requests("translate", config(), wav))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert seconds(error_details(err)["retry"].retry_delay) > 0
+    finally:
+        release.set()
+    assert list(first)[-1].WhichOneof("event") == "summary"
+    wait_idle(tight)
+    assert call(s, "translate", config(), wav).summary is not None
+
+
+def test_decoding_queue_full(server, wav, tiny_engine):
+    scheduler = tiny_engine.scheduler
+    saved = scheduler.max_queue
+    scheduler.max_queue = 0
+    try:
+        err = fails(stub(server.port), requests("translate", config(), wav))
+    finally:
+        scheduler.max_queue = saved
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert seconds(error_details(err)["retry"].retry_delay) > 0
+
+
+def test_still_serving_after_errors(server, wav):
+    wait_idle(server)
+    r = call(stub(server.port), "translate", config(), wav)
+    assert r.summary is not None and r.segments
+    assert stub(server.port).ListModels(pb.ListModelsRequest(), timeout=10).models

@@ -1,0 +1,198 @@
+"""The server's life: health while the model loads and when it shuts down, reflection,
+cancellation and deadlines, and `python -m service serve` under SIGTERM."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dragoman.v1 import speech_pb2 as pb
+from grpc_support import FAST, call, channel, config, encode, error_details, pcm, requests, start_server, stub, tone
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "dragoman.v1.SpeechService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def wav():
+    return encode(tone(1.0), 16000, "wav", "pcm_s16le")
+
+
+def health_of(port: int, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(channel(port)).Check(health_pb2.HealthCheckRequest(service=service),
+                                                           timeout=10).status
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(interval)
+
+
+def test_health_follows_the_model(tiny_engine, wav):
+    srv = start_server()  # no engine yet: as while the model loads and compiles
+    try:
+        assert health_of(srv.port) == NOT_SERVING
+        assert health_of(srv.port, SERVICE) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(srv.port).Translate(requests("translate", config(), wav), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in error_details(info.value)
+        with pytest.raises(grpc.RpcError) as info:
+            stub(srv.port).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        srv.set_engine(tiny_engine)
+        assert health_of(srv.port) == SERVING
+        assert health_of(srv.port, SERVICE) == SERVING
+        assert call(stub(srv.port), "translate", config(), wav).summary is not None
+    finally:
+        srv.stop()
+
+
+def test_shutdown_drains(tiny_engine, wav):
+    """Stopping: NOT_SERVING, new calls refused, the call in flight completes within the grace period."""
+    srv = start_server(tiny_engine, grace_period=60)
+    watch = health_pb2_grpc.HealthStub(channel(srv.port)).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    assert next(watch).status == SERVING
+    release = threading.Event()
+
+    def held():
+        yield pb.TranslateRequest(config=config())
+        release.wait(30)
+        yield pb.TranslateRequest(audio=wav)
+
+    in_flight = stub(srv.port).Translate(held(), timeout=120)
+    wait_for(lambda: srv.servicer.active == 1)
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
+    stopper.start()
+    try:
+        assert next(watch).status == NOT_SERVING
+        watch.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(srv.port).Translate(requests("translate", config(), wav), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
+    assert list(in_flight)[-1].WhichOneof("event") == "summary"
+    stopper.join(60)
+    assert not stopper.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = start_server(tiny_engine, max_concurrent_streams=1)
+    yield srv
+    srv.stop()
+
+
+def test_reflection(server):
+    client = reflection_pb2_grpc.ServerReflectionStub(channel(server.port))
+    ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    services = [s.name for r in client.ServerReflectionInfo(iter(ask), timeout=10)
+                for s in r.list_services_response.service]
+    assert SERVICE in services and "grpc.health.v1.Health" in services
+    ask = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]
+    (response,) = client.ServerReflectionInfo(iter(ask), timeout=10)
+    assert response.file_descriptor_response.file_descriptor_proto
+
+
+def held_pcm(seconds: float, release: threading.Event, **kw):
+    """A PCM call that sends its audio, then keeps the stream open until released."""
+    data = pcm(tone(seconds, seed=21), "s16le")
+
+    def messages():
+        yield pb.TranslateRequest(config=pb.Config(encoding=pb.AUDIO_ENCODING_S16LE, sample_rate_hertz=16000, **kw))
+        for i in range(0, len(data), 64 * 1024):
+            yield pb.TranslateRequest(audio=data[i : i + 64 * 1024])
+        release.wait(60)
+
+    return messages()
+
+
+def test_cancelled_call_frees_its_slot(server, tiny_engine, wav):
+    release = threading.Event()
+    try:
+        # 31 s: the first window is complete and decoding (224 tokens at each temperature: long).
+        first = stub(server.port).Translate(held_pcm(31.0, release, temperature=0), timeout=120)
+        wait_for(lambda: server.servicer.active == 1)
+        time.sleep(1.0)
+        first.cancel()
+        wait_for(lambda: server.servicer.active == 0, timeout=2.0)
+        t0 = time.monotonic()
+        r = call(stub(server.port), "translate", config(), wav)
+        assert r.summary is not None
+        assert time.monotonic() - t0 < 30
+        assert first.code() == grpc.StatusCode.CANCELLED
+        wait_for(lambda: tiny_engine.scheduler.queued == 0, timeout=5.0)
+    finally:
+        release.set()
+
+
+def test_deadline_exceeded(server, tiny_engine, wav):
+    release = threading.Event()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(server.port).Translate(held_pcm(31.0, release, temperature=0), timeout=1.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: server.servicer.active == 0, timeout=5.0)
+        assert call(stub(server.port), "translate", config(), wav).summary is not None
+    finally:
+        release.set()
+
+
+def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
+    """`python -m service serve`: NOT_SERVING while the model loads and compiles, SERVING after,
+    and on SIGTERM the call in flight completes, new calls are refused, and it exits 0."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model",
+                             str(tiny_model[0]), "--max-batch", "1", "--port", "0"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    port = None
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"listening on \S+:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "".join(lines)
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        assert health_of(port) == NOT_SERVING  # warm-up compiles for a while
+        wait_for(lambda: health_of(port) == SERVING, timeout=300, interval=0.2)
+
+        release = threading.Event()
+
+        def held():
+            yield pb.TranscribeRequest(config=pb.Config(**FAST))
+            release.wait(60)
+            yield pb.TranscribeRequest(audio=wav)
+
+        in_flight = stub(port).Transcribe(held(), timeout=120)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("shutting down" in line for line in lines), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(port).Transcribe(requests("transcribe", config(), wav), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        assert list(in_flight)[-1].WhichOneof("event") == "summary"
+        assert proc.wait(60) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

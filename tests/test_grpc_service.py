@@ -1,0 +1,140 @@
+"""SpeechService's RPCs end to end on an in-process server with a random-weight tiny Whisper:
+the shape and order of what comes back, PCM streaming, long audio, concurrent calls."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from dragoman.v1 import speech_pb2 as pb
+from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone
+from service.engine.languages import LANGUAGES
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = start_server(tiny_engine, max_concurrent_streams=16)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return stub(server.port)
+
+
+@pytest.fixture(scope="module")
+def wav():
+    return encode(tone(3.0), 16000, "wav", "pcm_s16le")
+
+
+def check_result(r, duration: float, *, deltas: bool = False):
+    """What every successful call gives: segments in order, then one summary, last."""
+    assert r.summary is not None and r.events[-1] == "summary" and r.events.count("summary") == 1
+    assert r.segments, "random weights still give text"
+    assert [s.id for s in r.segments] == list(range(len(r.segments)))
+    seeks = [s.seek for s in r.segments]
+    assert seeks == sorted(seeks) and seeks[0] == 0
+    for s in r.segments:
+        assert seconds(s.start_offset) >= s.seek / 100 - 1e-6
+        assert s.tokens and 0.0 <= s.temperature <= 1.0
+    assert r.summary.text == "".join(s.text for s in r.segments)
+    assert seconds(r.summary.duration) == pytest.approx(duration, abs=0.05)
+    assert r.summary.usage.audio_seconds == pytest.approx(duration, abs=0.05)
+    assert r.summary.usage.prompt_tokens > 0 and r.summary.usage.completion_tokens > 0
+    assert r.summary.language in LANGUAGES and 0.0 < r.summary.language_probability <= 1.0
+    if deltas:
+        assert r.events[:-1] == ["delta", "segment"] * len(r.segments)
+        assert [d.text for d in r.deltas] == [s.text for s in r.segments]
+    else:
+        assert not r.deltas and set(r.events[:-1]) == {"segment"}
+
+
+def test_translate_wav(client, wav):
+    check_result(call(client, "translate", config(), wav), 3.0)
+
+
+def test_transcribe_with_deltas(client, wav):
+    check_result(call(client, "transcribe", config(stream_deltas=True), wav), 3.0, deltas=True)
+
+
+def test_translate_with_deltas_and_options(client, wav, tiny_engine):
+    r = call(client, "translate", config(stream_deltas=True, model="whisper-1", language="Italian", prompt="Dragoman",
+                                         temperature=0.4, seed=7, repetition_penalty=1.1,
+                                         long_form_mode=pb.LONG_FORM_MODE_SEQUENTIAL,
+                                         timestamp_granularities=[pb.TIMESTAMP_GRANULARITY_SEGMENT]), wav)
+    check_result(r, 3.0, deltas=True)
+    assert r.summary.language == "it" and r.summary.language_probability == 1.0
+    assert all(s.temperature >= 0.4 for s in r.segments)
+
+
+def test_model_names(client, wav, server, tiny_engine):
+    for name in ("", "whisper-1", server.servicer.model_id, tiny_engine.name):
+        check_result(call(client, "translate", config(model=name), wav), 3.0)
+
+
+def test_list_models(client, server, tiny_engine):
+    models = client.ListModels(pb.ListModelsRequest(), timeout=10).models
+    assert len(models) == 1
+    m = models[0]
+    assert m.id == server.servicer.model_id == tiny_engine.name
+    assert list(m.aliases) == ["whisper-1"]
+    assert m.multilingual is True
+    assert [lang.code for lang in m.languages] == list(tiny_engine.languages)
+    assert {lang.code: lang.name for lang in m.languages}["it"] == "italian"
+
+
+@pytest.mark.parametrize("encoding", ["s16le", "f32le"])
+def test_pcm_16k_mono_matches_the_same_samples_in_wav(client, encoding):
+    audio = np.round(tone(3.0, seed=3) * 32768) / 32768  # exact in 16 bits, however it is converted
+    data = pcm(audio, encoding)
+    kind = pb.AUDIO_ENCODING_S16LE if encoding == "s16le" else pb.AUDIO_ENCODING_F32LE
+    streamed = call(client, "transcribe", config(encoding=kind, sample_rate_hertz=16000, temperature=0), data,
+                    chunk=3001)  # chunks cut sample frames in two
+    check_result(streamed, 3.0)
+    wav = encode(audio, 16000, "wav", "pcm_s16le" if encoding == "s16le" else "pcm_f32le")
+    whole = call(client, "transcribe", config(temperature=0), wav)
+    assert streamed.summary == whole.summary
+    assert streamed.segments == whole.segments
+
+
+@pytest.mark.parametrize("encoding,rate,channels", [("s16le", 48000, 2), ("f32le", 44100, 2), ("s16le", 8000, 1)])
+def test_pcm_resampled_and_mixed(client, encoding, rate, channels):
+    kind = pb.AUDIO_ENCODING_S16LE if encoding == "s16le" else pb.AUDIO_ENCODING_F32LE
+    data = pcm(tone(2.5, rate, channels), encoding)
+    r = call(client, "translate", config(encoding=kind, sample_rate_hertz=rate, channels=channels), data, chunk=10007)
+    check_result(r, 2.5)
+
+
+def test_70_seconds_in_time_order(client):
+    r = call(client, "translate", config(encoding=pb.AUDIO_ENCODING_F32LE, sample_rate_hertz=16000, temperature=1.0),
+             pcm(tone(70.0, seed=5), "f32le"), chunk=64 * 1024)
+    check_result(r, 70.0)
+    # Windows of at most 30 s, cut at pauses, cover the audio from its start to its end, in order.
+    starts = sorted({s.seek for s in r.segments})
+    assert len(starts) >= 3 and starts[0] == 0
+    assert all(0 < b - a <= 3000 for a, b in zip(starts, starts[1:]))
+    assert 7000 - starts[-1] <= 3000
+    for a, b in zip(r.segments, r.segments[1:]):
+        if a.seek == b.seek:  # within a window, segments follow each other
+            assert seconds(b.start_offset) >= seconds(a.start_offset)
+
+
+def test_eight_concurrent_calls_equal_eight_in_turn(client):
+    clips = [encode(tone(2.0 + 0.25 * i, seed=10 + i), 16000, "wav", "pcm_s16le") for i in range(8)]
+    cfg = config(temperature=0, seed=1234)
+
+    def run(i):
+        return call(client, "translate" if i % 2 else "transcribe", cfg, clips[i])
+
+    in_turn = [run(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, range(8)))
+    for a, b, i in zip(in_turn, together, range(8)):
+        check_result(b, 2.0 + 0.25 * i)
+        assert [s.tokens for s in a.segments] == [s.tokens for s in b.segments]
+        assert [(s.text, s.start_offset, s.end_offset, s.temperature) for s in a.segments] == \
+               [(s.text, s.start_offset, s.end_offset, s.temperature) for s in b.segments]
+        assert a.summary.text == b.summary.text and a.summary.language == b.summary.language
+        np.testing.assert_allclose([s.avg_logprob for s in a.segments], [s.avg_logprob for s in b.segments], atol=1e-3)
