@@ -266,11 +266,11 @@ class _Run:
         final: dict[int, WindowResult] = {}
         next_out, total, duration = 0, None, 0.0
         while total is None or next_out < total:
+            if self.cancel is not None and self.cancel.is_set():
+                raise CancelledError()
             try:
                 event = events.get(timeout=0.5)
             except queue.Empty:
-                if self.cancel is not None and self.cancel.is_set():
-                    raise CancelledError()
                 continue
             if event[0] == "error":
                 raise event[1]
@@ -288,6 +288,8 @@ class _Run:
                 start, end = spans[next_out]
                 if not self._is_silence(r):
                     raw, _ = split_segments(r.tokens, self.tok, start / SAMPLE_RATE, (end - start) // HOP_LENGTH, keep_tail=True)
+                    for seg in raw:  # a window shorter than 30 s is padded; no time past its end is real
+                        seg.start, seg.end = min(seg.start, end / SAMPLE_RATE), min(seg.end, end / SAMPLE_RATE)
                     self._emit(start // HOP_LENGTH, raw, r)
                 if self.on_progress is not None:
                     self.on_progress(end / SAMPLE_RATE)

@@ -1,0 +1,138 @@
+"""Decoding behaviour of the engine: seeds, batching, limits, fallback, cancellation, long form."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from audio_signals import speechlike
+from service.engine import TranscribeOptions
+
+
+def mel(engine, seed: int) -> np.ndarray:
+    audio = whisper.pad_or_trim(torch.from_numpy(speechlike(20.0, seed=seed)))
+    return whisper.log_mel_spectrogram(audio, engine.dims.n_mels).numpy()
+
+
+def test_seeded_sampling_is_reproducible(tiny_engine):
+    m = mel(tiny_engine, 1)
+    opts = TranscribeOptions(language="en", temperatures=(1.0,), seed=7)
+    a, _ = tiny_engine.decode(m, opts)
+    b, _ = tiny_engine.decode(m, opts)
+    c, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(1.0,), seed=8))
+    greedy, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert a.tokens != greedy.tokens
+
+
+def test_a_window_decodes_the_same_alone_and_in_a_batch_of_8(tiny_engine):
+    mels = [mel(tiny_engine, s) for s in range(8)]
+    opts = TranscribeOptions(language="en", temperatures=(0.0,))
+    alone = [tiny_engine.decode(m, opts)[0].tokens for m in mels]
+    barrier = threading.Barrier(8)
+
+    def together(m):
+        barrier.wait()
+        return tiny_engine.decode(m, opts)[0].tokens
+
+    with ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(together, mels))
+    assert batched == alone
+
+
+def test_max_new_tokens_bounds_each_window(tiny_engine):
+    result, _ = tiny_engine.decode(mel(tiny_engine, 2), TranscribeOptions(language="en", temperatures=(0.0,),
+                                                                         timestamps=False, max_new_tokens=5))
+    assert 1 <= len(result.tokens) <= 5
+
+
+def test_repetition_penalty_changes_the_choice_of_repeated_tokens(tiny_engine):
+    m = mel(tiny_engine, 3)
+    plain, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,), timestamps=False))
+    penalised, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,), timestamps=False,
+                                                           repetition_penalty=5.0))
+    def repeats(tokens):
+        return len(tokens) - len(set(tokens))
+    assert penalised.tokens != plain.tokens
+    assert repeats(penalised.tokens) < repeats(plain.tokens)
+
+
+def test_failing_windows_fall_back_to_higher_temperatures(tiny_engine):
+    # Random weights give low log-probabilities, so every window fails the -1.0 threshold.
+    result = tiny_engine.transcribe(speechlike(10.0), TranscribeOptions(language="en"))
+    assert {s.temperature for s in result.segments} == {1.0}
+    single = tiny_engine.transcribe(speechlike(10.0), TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert {s.temperature for s in single.segments} == {0.0}
+
+
+def test_batched_long_form_segments_are_ordered_and_cover_the_audio(tiny_engine):
+    audio = speechlike(70.0, seed=4)
+    result = tiny_engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert result.duration == pytest.approx(70.0)
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts)
+    assert all(0 <= s.start <= s.end <= 70.0 + 1e-6 for s in result.segments)
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+    assert {s.seek for s in result.segments} >= {0}
+    assert len({s.seek for s in result.segments}) >= 3  # three windows of at most 30 s
+    assert result.text == "".join(s.text for s in result.segments)
+
+
+def test_audio_given_in_pieces_equals_audio_given_whole(tiny_engine):
+    audio = speechlike(45.0, seed=5)
+    opts = TranscribeOptions(language="en", temperatures=(0.0,))
+    whole = tiny_engine.transcribe(audio, opts)
+    pieces = tiny_engine.transcribe((audio[i : i + 12345] for i in range(0, len(audio), 12345)), opts)
+    assert [s.to_dict() for s in pieces.segments] == [s.to_dict() for s in whole.segments]
+
+
+def test_segments_are_handed_out_in_order_as_they_finish(tiny_engine):
+    seen = []
+    result = tiny_engine.transcribe(speechlike(65.0, seed=6), TranscribeOptions(language="en", temperatures=(0.0,)),
+                                    on_segment=seen.append)
+    assert [s.id for s in seen] == [s.id for s in result.segments]
+
+
+def test_cancelled_transcription_stops_and_the_engine_serves_on(tiny_engine):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        tiny_engine.transcribe(speechlike(65.0), TranscribeOptions(language="en"), cancel=cancel)
+    cancel = threading.Event()
+    started = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            tiny_engine.transcribe(speechlike(90.0), TranscribeOptions(language="en"),
+                                   on_progress=lambda s: started.set(), cancel=cancel)
+        except CancelledError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    started.wait(60)
+    cancel.set()
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1
+    assert tiny_engine.scheduler.queued == 0
+    ok = tiny_engine.transcribe(speechlike(3.0), TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert ok.segments
+
+
+@pytest.mark.parametrize("options, field", [
+    (TranscribeOptions(temperatures=(3.0,)), "temperature"),
+    (TranscribeOptions(language="xx"), "language"),
+    (TranscribeOptions(task="summarise"), "task"),
+    (TranscribeOptions(mode="parallel"), "mode"),
+    (TranscribeOptions(max_new_tokens=0), "max_new_tokens"),
+    (TranscribeOptions(repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_bad_options_name_the_field(tiny_engine, options, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_engine.transcribe(speechlike(1.0), options)
