@@ -219,7 +219,8 @@ def boundary_of(content_type: str | None) -> bytes:
     mimetype, options = parse_options_header(content_type or "")
     if mimetype != "multipart/form-data":
         raise APIError(400, "The request must be multipart/form-data with a 'file' part (as OpenAI's audio API "
-                            f"takes it); got Content-Type '{content_type or ''}'", code="invalid_content_type")
+                            f"takes it); got Content-Type '{content_type or ''}'", param="file",
+                       code="invalid_content_type")
     boundary = options.get("boundary")
     if not boundary:
         raise APIError(400, "multipart/form-data without a boundary", code="invalid_content_type")

@@ -293,7 +293,7 @@ def test_bad_requests(client, backend, parts, status, param):
 
 
 def test_not_multipart(client):
-    assert error_of(client.post("/v1/audio/translations", json={"model": "whisper-1"}), 400)["param"] is None
+    assert error_of(client.post("/v1/audio/translations", json={"model": "whisper-1"}), 400)["param"] == "file"
 
 
 def test_oversize(make_client):

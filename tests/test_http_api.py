@@ -1,0 +1,416 @@
+"""The HTTP API end to end: the gRPC service and the shim (under gunicorn) as real processes with a
+tiny random-weight Whisper, driven by OpenAI's Python SDK, a vLLM-style streaming client and raw HTTP.
+
+Random weights give nonsense text: the tests check structure, status codes, and that the same
+request (temperature 0, a fixed seed) gives the same text every way it is asked for.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import openai
+from openai.types.audio import Transcription, Translation
+import pytest
+import srt
+import webvtt
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-dragoman-test"
+MAX_UPLOAD = 1 << 20  # the shim under test takes files up to 1 MiB
+# Few tokens per window: random weights never stop on their own, and the suite must stay quick.
+FAST = {"language": "it", "seed": 4419, "repetition_penalty": 1.3, "max_completion_tokens": 8}
+FORMATS = ["json", "text", "srt", "verbose_json", "vtt"]
+
+
+def make_audio(seconds: float = 3.0, fmt: str = "wav", rate: int = 16000, seed: int = 0) -> bytes:
+    """A few seconds of a modulated tone with a little noise, encoded by PyAV (wav or mp3)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t))
+    pcm = ((x + 0.02 * rng.standard_normal(len(t))) * 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream({"wav": "pcm_s16le", "mp3": "libmp3lame"}[fmt], rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        frames = [frame]
+        if fmt != "wav":
+            frames = av.AudioResampler(format=stream.codec_context.format.name, layout="mono",
+                                       rate=rate).resample(frame)
+        for f in frames:
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+WAV = make_audio(3.0, "wav")
+MP3 = make_audio(3.0, "mp3", seed=1)
+LONG = make_audio(35.0, "mp3", seed=2)  # two 30 s windows, several segments (some empty)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    def __init__(self, url: str, grpc_target: str, model_dir: str):
+        self.url = url
+        self.grpc_target = grpc_target
+        self.model_dir = model_dir
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", API_KEY), max_retries=0,
+                             timeout=120, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    def post(self, path: str, files=None, data=None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {API_KEY}", **kw.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", files=files, data=data, headers=headers, timeout=120, **kw)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model, tmp_path_factory):
+    model_dir = str(tiny_model[0])
+    logs = tmp_path_factory.mktemp("logs")
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("DRAGOMAN_API_KEY", None)
+    server_log = open(logs / "service.log", "w")
+    shim_log = open(logs / "shim.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model", model_dir,
+                               "--port", str(grpc_port), "--max-batch", "2"],
+                              cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", str(http_port),
+                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--api-key", API_KEY,
+                             "--max-upload-bytes", str(MAX_UPLOAD), "--threads", "8", "--request-timeout", "120"],
+                            cwd=ROOT, env=env, stdout=shim_log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            for name, proc, log in (("service", server, logs / "service.log"), ("shim", shim, logs / "shim.log")):
+                if proc.poll() is not None:
+                    pytest.fail(f"the {name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready in time:\n{(logs / 'service.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Servers(url, f"127.0.0.1:{grpc_port}", model_dir)
+    finally:
+        _stop(shim)
+        _stop(server)
+        server_log.close()
+        shim_log.close()
+
+
+def error_of(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture(scope="session")
+def reference(servers):
+    """The non-streamed texts of the requests the other tests repeat."""
+    c = servers.client()
+    texts = {
+        "translate": c.audio.translations.create(file=("a.mp3", LONG), model="whisper-1", temperature=0.0,
+                                                 extra_body=FAST).text,
+        "transcribe": c.audio.transcriptions.create(file=("a.mp3", LONG), model="whisper-1", temperature=0.0,
+                                                    extra_body=FAST).text,
+    }
+    assert all(texts.values()), texts
+    return texts
+
+
+# ---- health and models -------------------------------------------------------------------------------------
+
+
+def test_health_and_models(servers):
+    health = httpx.get(f"{servers.url}/health")  # no API key needed
+    assert health.status_code == 200 and health.json()["status"] == "SERVING"
+    models = servers.client().models.list()
+    ids = [m.id for m in models.data]
+    assert servers.model_dir in ids and "whisper-1" in ids
+    assert all(m.object == "model" for m in models.data)
+    assert servers.client().models.retrieve("whisper-1").id == "whisper-1"
+
+
+# ---- the official SDK, sync and async -------------------------------------------------------------------------
+
+
+def _squeeze(text: str) -> str:
+    return "".join(text.split())
+
+
+def _check_format(fmt: str, result, task: str, expected_text: str) -> None:
+    if fmt == "json":
+        assert isinstance(result, (Translation, Transcription))
+        assert result.text == expected_text
+        if task == "transcribe":
+            assert result.usage.type == "duration" and result.usage.seconds == 35
+    elif fmt == "text":
+        assert isinstance(result, str) and result == expected_text
+    elif fmt == "srt":
+        subs = list(srt.parse(result))
+        assert subs and all(s.content.strip() for s in subs)
+        assert _squeeze("".join(s.content for s in subs)) == _squeeze(expected_text)
+        assert all(s.end >= s.start for s in subs) and [s.index for s in subs] == list(range(1, len(subs) + 1))
+    elif fmt == "vtt":
+        assert result.startswith("WEBVTT")
+        captions = webvtt.from_string(result)
+        assert len(captions) and _squeeze("".join(c.text for c in captions)) == _squeeze(expected_text)
+    else:
+        assert result.text == expected_text
+        assert result.language == "italian" and isinstance(result.duration, float)
+        assert abs(result.duration - 35.0) < 0.1
+        assert result.segments, "verbose_json has segments"
+        for i, s in enumerate(result.segments):
+            assert s.id == i and s.end >= s.start and isinstance(s.tokens, list)
+            assert isinstance(s.avg_logprob, float) and 0 <= s.temperature <= 1
+        assert "".join(s.text for s in result.segments).strip() == expected_text
+        assert getattr(result, "task", task) == task
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("task", ["translate", "transcribe"])
+def test_sdk_formats(servers, reference, task, fmt):
+    c = servers.client()
+    endpoint = c.audio.translations if task == "translate" else c.audio.transcriptions
+    result = endpoint.create(file=("a.mp3", LONG, "audio/mpeg"), model="whisper-1", response_format=fmt,
+                             temperature=0.0, extra_body=FAST)
+    _check_format(fmt, result, task, reference[task])
+
+
+def test_sdk_served_model_names_and_mp3(servers):
+    c = servers.client()
+    name = Path(servers.model_dir).name  # the id's last part, as "whisper-large-v3" names openai/whisper-large-v3
+    for model in (servers.model_dir, name):
+        r = c.audio.transcriptions.create(file=("a.mp3", MP3, "audio/mpeg"), model=model, response_format="verbose_json",
+                                          temperature=0.0, extra_body=FAST)
+        assert r.language == "italian" and abs(r.duration - 3.0) < 0.1
+
+
+def test_sdk_word_timestamps(servers):
+    r = servers.client().audio.transcriptions.create(
+        file=("a.wav", WAV), model="whisper-1", response_format="verbose_json",
+        timestamp_granularities=["word", "segment"], temperature=0.0, extra_body=FAST)
+    assert r.segments and r.words is not None
+    for w in r.words:
+        assert isinstance(w.word, str) and w.end >= w.start >= 0
+
+
+def test_sdk_async(servers, reference):
+    async def main():
+        c = servers.async_client()
+        tr, ts, vtt = await asyncio.gather(
+            c.audio.translations.create(file=("a.mp3", LONG), model="whisper-1", temperature=0.0, extra_body=FAST),
+            c.audio.transcriptions.create(file=("a.mp3", LONG), model="whisper-1", temperature=0.0,
+                                          response_format="verbose_json", extra_body=FAST),
+            c.audio.translations.create(file=("a.mp3", LONG), model="whisper-1", temperature=0.0,
+                                        response_format="vtt", extra_body=FAST))
+        with pytest.raises(openai.BadRequestError):
+            await c.audio.transcriptions.create(file=("a.wav", WAV), model="whisper-1", language="xx")
+        await c.close()
+        return tr, ts, vtt
+
+    tr, ts, vtt = asyncio.run(main())
+    assert tr.text == reference["translate"]
+    _check_format("verbose_json", ts, "transcribe", reference["transcribe"])
+    _check_format("vtt", vtt, "translate", reference["translate"])
+
+
+def test_sdk_typed_errors(servers):
+    c = servers.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        c.audio.transcriptions.create(file=("a.wav", WAV), model="whisper-1", temperature=3)
+    assert e.value.status_code == 400 and e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.audio.translations.create(file=("a.wav", b"this is not audio" * 100), model="whisper-1")
+    assert e.value.param == "file"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.audio.translations.create(file=("a.wav", WAV), model="gpt-4o-transcribe")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        servers.client(api_key="sk-wrong").audio.translations.create(file=("a.wav", WAV), model="whisper-1")
+    with pytest.raises(openai.APIStatusError) as e:
+        c.audio.transcriptions.create(file=("big.wav", make_audio(40.0)), model="whisper-1")
+    assert e.value.status_code == 413 and e.value.code == "file_too_large"
+
+
+# ---- streaming: vLLM's client and OpenAI's, same endpoint -------------------------------------------------------
+
+
+def _vllm_stream(servers, path: str, data: dict) -> tuple[list[dict], str]:
+    """What vLLM's example client does: POST with stream=true, read `data: ` lines, join
+    choices[0].delta.content until [DONE]."""
+    chunks, text = [], ""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{servers.url}{path}", files={"file": ("a.mp3", LONG, "audio/mpeg")},
+                      data={**data, "stream": "true"}, headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            payload = line[len("data: "):]
+            if payload.strip() == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            chunks.append(chunk)
+            if chunk.get("choices"):
+                text += chunk["choices"][0].get("delta", {}).get("content") or ""
+    return chunks, text
+
+
+@pytest.mark.parametrize("task", ["translate", "transcribe"])
+def test_vllm_streaming_client(servers, reference, task):
+    path = "/v1/audio/translations" if task == "translate" else "/v1/audio/transcriptions"
+    fields = {"model": "whisper-1", "temperature": "0.0", "stream_include_usage": "true",
+              **{k: str(v) for k, v in FAST.items()}}
+    chunks, text = _vllm_stream(servers, path, fields)
+    assert text == reference[task]
+    kind = "translation.chunk" if task == "translate" else "transcription.chunk"
+    assert all(c["object"] == kind for c in chunks)
+    deltas = [c for c in chunks if c.get("type") == "transcript.text.delta"]
+    assert "".join(c["delta"] for c in deltas) == text
+    done = [c for c in chunks if c.get("type") == "transcript.text.done"]
+    assert len(done) == 1 and done[0]["text"] == text and done[0]["choices"][0]["finish_reason"] == "stop"
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+
+
+def test_openai_sdk_stream(servers, reference):
+    stream = servers.client().audio.transcriptions.create(file=("a.mp3", LONG), model="whisper-1", stream=True,
+                                                          temperature=0.0, extra_body=FAST)
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert "".join(deltas) == reference["transcribe"]
+    assert len(done) == 1 and done[0].text == reference["transcribe"]
+
+
+def test_stream_errors_keep_their_status(servers):
+    with pytest.raises(openai.BadRequestError):
+        list(servers.client().audio.transcriptions.create(file=("a.wav", b"\x00" * 5000), model="whisper-1",
+                                                          stream=True))
+
+
+# ---- bad input, each answered in OpenAI's shape; a good request still works after them ----------------------------
+
+
+BAD = [
+    ("no_file", None, {"model": "whisper-1"}, 400, "file"),
+    ("empty_file", ("a.wav", b""), {}, 400, "file"),
+    ("not_audio", ("a.wav", b"RIFF....not really a wav file" * 50), {}, 400, "file"),
+    ("file_as_text", (None, "hello"), {}, 400, "file"),
+    ("temperature_type", ("a.wav", WAV), {"temperature": "hot"}, 400, "temperature"),
+    ("seed_type", ("a.wav", WAV), {"seed": "four"}, 400, "seed"),
+    ("stream_type", ("a.wav", WAV), {"stream": "maybe"}, 400, "stream"),
+    ("granularity", ("a.wav", WAV), {"timestamp_granularities[]": "sentence"}, 400, "timestamp_granularities[]"),
+    ("temperature_3", ("a.wav", WAV), {"temperature": "3"}, 400, "temperature"),
+    ("language_xx", ("a.wav", WAV), {"language": "xx"}, 400, "language"),
+    ("format_docx", ("a.wav", WAV), {"response_format": "docx"}, 400, "response_format"),
+    ("to_language", ("a.wav", WAV), {"to_language": "fr"}, 400, "to_language"),
+    ("unknown_model", ("a.wav", WAV), {"model": "nope"}, 404, "model"),
+    ("oversize", ("big.wav", b"\x00" * (MAX_UPLOAD + 1)), {}, 413, "file"),
+]
+
+
+@pytest.mark.parametrize("name,file,data,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(servers, name, file, data, status, param):
+    # Always multipart (as OpenAI's SDK sends it), with or without a file part.
+    files = {k: (None, v) for k, v in {"model": "whisper-1", **data}.items()}
+    if file is not None:
+        files["file"] = file  # (None, text) makes a text part named "file"
+    resp = servers.post("/v1/audio/translations", files=files)
+    error = error_of(resp, status)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_good_request_after_bad_ones(servers, reference):
+    for data in ({"temperature": "3"}, {"language": "xx"}):
+        assert servers.post("/v1/audio/translations", files={"file": ("a.wav", WAV)},
+                            data={"model": "whisper-1", **data}).status_code == 400
+    assert servers.post("/v1/audio/translations", files={"file": ("big.wav", b"\x00" * (3 * MAX_UPLOAD))},
+                        data={"model": "whisper-1"}).status_code == 413
+    resp = servers.post("/v1/audio/translations", files={"file": ("a.mp3", LONG)},
+                        data={"model": "whisper-1", "temperature": "0", **{k: str(v) for k, v in FAST.items()}})
+    assert resp.status_code == 200 and resp.json()["text"] == reference["translate"]
+
+
+def test_not_multipart_and_auth(servers):
+    resp = httpx.post(f"{servers.url}/v1/audio/translations", json={"model": "whisper-1"},
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+    assert error_of(resp, 400)["code"] == "invalid_content_type"
+    no_key = httpx.post(f"{servers.url}/v1/audio/translations", files={"file": ("a.wav", WAV)})
+    assert error_of(no_key, 401)
+    assert error_of(httpx.get(f"{servers.url}/v1/models", headers={"Authorization": "Bearer x"}), 401)
+
+
+def test_fields_after_the_file(servers, reference):
+    """curl -F file=@a.wav -F model=... (and OpenAI's Node SDK) put the file first."""
+    fields = {"model": "whisper-1", "temperature": "0", **{k: str(v) for k, v in FAST.items()}}
+    boundary = "dragomanboundary"
+    body = io.BytesIO()
+    body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n'
+               f"Content-Type: audio/mpeg\r\n\r\n".encode() + LONG + b"\r\n")
+    for k, v in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    body.write(f"--{boundary}--\r\n".encode())
+    resp = httpx.post(f"{servers.url}/v1/audio/translations", content=body.getvalue(),
+                      headers={"Authorization": f"Bearer {API_KEY}",
+                               "Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=120)
+    assert resp.status_code == 200 and resp.json()["text"] == reference["translate"]
+
+
+# ---- the service down, or too slow (the shim in-process, with the real gRPC client) -----------------------------
+
+
+def test_service_down_and_deadline(servers):
+    from http_shim import Config, create_app
+
+    down = create_app(Config(grpc_target=f"127.0.0.1:{free_port()}")).test_client()
+    assert down.get("/health").status_code == 503
+    resp = down.post("/v1/audio/translations", data={"file": (io.BytesIO(WAV), "a.wav"), "model": "whisper-1"})
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "service_unavailable"
+
+    slow = create_app(Config(grpc_target=servers.grpc_target, request_timeout=0.001)).test_client()
+    resp = slow.post("/v1/audio/translations", data={"model": "whisper-1", "file": (io.BytesIO(WAV), "a.wav")})
+    assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "timeout"
