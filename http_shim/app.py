@@ -16,7 +16,7 @@ from . import render
 from .backend import Backend, Call, Delta, ModelInfo, Request, SegmentEvent, Summary
 from .config import Config
 from .errors import APIError, bad_request
-from .forms import FieldEvent, FileData, FileEnd, FileStart, Params, boundary_of, read_multipart
+from .forms import FieldEvent, FileData, FileEnd, FileStart, Params, _human, boundary_of, read_multipart
 from .render import EventStream, Result
 
 log = logging.getLogger("http_shim")
@@ -233,7 +233,7 @@ def _audio(task: str):
     length = request.content_length
     if length is not None and length > cfg.max_upload_bytes + FORM_OVERHEAD:
         _drain()
-        raise APIError(413, f"The request is {length} bytes; files up to {cfg.max_upload_bytes} bytes are accepted",
+        raise APIError(413, f"The request is {length} bytes; files up to {_human(cfg.max_upload_bytes)} are accepted",
                        param="file", code="file_too_large")
     try:
         upload = Upload(state, task)

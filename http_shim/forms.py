@@ -293,7 +293,8 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
 
 
 def _human(n: int) -> str:
+    """25 MB for 26214400; bytes when the size is not a whole number of KB, MB or GB."""
     for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= size and n % (size // 1024 or 1) == 0:
-            return f"{n / size:g} {unit}"
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
     return f"{n} bytes"

@@ -9,9 +9,13 @@ import json
 import math
 import uuid
 
+import grpc
 import pytest
 import srt
 import webvtt
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from http_shim import Config, create_app
 from http_shim.backend import Delta, ModelInfo, SegmentEvent, Summary
@@ -364,3 +368,63 @@ def test_config_flags_and_env():
     d = parse_args([], env={})
     assert (d.port, d.max_upload_bytes, d.api_key, d.cors_origins) == (8000, 25 << 20, None, [])
     assert math.isclose(parse_args([], env={"DRAGOMAN_HTTP_REQUEST_TIMEOUT": "2.5"}).request_timeout, 2.5)
+
+
+def test_unknown_fields_are_logged_and_ignored(client, caplog):
+    caplog.set_level("INFO", logger="http_shim")
+    resp = post(client, "/v1/audio/transcriptions", [("model", "whisper-1"), ("colour", "blue"),
+                                                      ("include[]", "logprobs"), ("file", ("a.wav", AUDIO))])
+    assert resp.status_code == 200
+    assert any("colour" in r.getMessage() for r in caplog.records)
+    assert any("include[]" in r.getMessage() for r in caplog.records)
+
+
+# ---- gRPC status (with google.rpc details) to HTTP ------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, message, details=()):
+        status = status_pb2.Status(code=code.value[0], message=message)
+        for d in details:
+            status.details.add().Pack(d)
+        self._status = rpc_status.to_status(status)
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+def _violation(field):
+    return error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=field, description="is wrong")])
+
+
+def _retry(seconds):
+    return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=500_000_000))
+
+
+@pytest.mark.parametrize("code,details,status,param,retry_after", [
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.language")], 400, "language", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.max_new_tokens")], 400, "max_completion_tokens", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.temperature")], 400, "temperature", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("audio")], 400, "file", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.model")], 404, "model", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [], 400, None, None),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, [_retry(2)], 429, None, "3"),
+    (grpc.StatusCode.UNAVAILABLE, [_retry(0)], 503, None, "1"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, [], 504, None, None),
+    (grpc.StatusCode.INTERNAL, [], 500, None, None),
+])
+def test_grpc_errors_to_http(code, details, status, param, retry_after):
+    from http_shim.grpc_backend import http_error
+
+    err = http_error(FakeRpcError(code, "something happened", details))
+    assert (err.status, err.param, err.headers().get("Retry-After")) == (status, param, retry_after)
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+    assert err.body()["error"]["type"] == ("invalid_request_error" if status < 429 else
+                                           "rate_limit_error" if status == 429 else "server_error")
