@@ -102,7 +102,13 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-server", daemon=True)
         self.thread.start()
-        self.server: SpeechServer = self._call(SpeechServer.create(config, engine))
+        try:
+            self.server: SpeechServer = self._call(SpeechServer.create(config, engine))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+            raise
         self.port = self.server.port
 
     def _call(self, coroutine, timeout: float | None = 60):
@@ -159,13 +165,20 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     try:
         server = await SpeechServer.create(config)
     except RuntimeError as e:
         log.error("%s", e)
         return 1
+
+    def on_signal() -> None:
+        if stopping.is_set():  # a second signal: stop now, cancelling calls in flight
+            log.warning("second signal: cancelling %d call(s) in flight", server.servicer.active)
+            asyncio.ensure_future(server.server.stop(0))
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     ready: asyncio.Future = loop.create_future()
 
     def load() -> None:  # a daemon thread: a signal during loading does not wait for it

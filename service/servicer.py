@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Iterator
 
@@ -114,6 +115,7 @@ class _Call:
         self.events: asyncio.Queue = asyncio.Queue()
         self.receiver: asyncio.Task | None = None
         self.input_error: ServiceError | None = None
+        self.started = time.perf_counter()
 
     def stop(self) -> None:
         self.cancel.set()
@@ -169,6 +171,8 @@ class _Call:
             raise self.input_error
         if error is not None:
             raise self._engine_error(error)
+        log.info("%s: %.1f s of audio, %d segments, %s, in %.2f s", self.task, result.duration, len(result.segments),
+                 result.language, time.perf_counter() - self.started)
         yield self.response_type(summary=_summary(result))
 
     # -- the Config

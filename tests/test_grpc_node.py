@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,4 +26,4 @@ def test_node_client(tiny_engine):
     finally:
         srv.stop()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "# fail 0" in proc.stdout
+    assert "# fail 0" in proc.stdout and re.search(r"^# pass [1-9]", proc.stdout, re.M), proc.stdout

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
 from dragoman.v1 import speech_pb2 as pb
-from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone
+from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields
 from service.engine.languages import LANGUAGES
 
 
@@ -138,3 +139,39 @@ def test_eight_concurrent_calls_equal_eight_in_turn(client):
                [(s.text, s.start_offset, s.end_offset, s.temperature) for s in b.segments]
         assert a.summary.text == b.summary.text and a.summary.language == b.summary.language
         np.testing.assert_allclose([s.avg_logprob for s in a.segments], [s.avg_logprob for s in b.segments], atol=1e-3)
+
+
+def test_word_timestamps_pass_through(client, wav):
+    """WORD granularity: each segment's words with their times, or INVALID_ARGUMENT from a
+    server whose engine cannot time words."""
+    cfg = config(timestamp_granularities=[pb.TIMESTAMP_GRANULARITY_SEGMENT, pb.TIMESTAMP_GRANULARITY_WORD])
+    try:
+        r = call(client, "translate", cfg, wav)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(e) == ["config.timestamp_granularities"]
+        return
+    check_result(r, 3.0)
+    for s in r.segments:
+        for w in s.words:
+            assert seconds(s.start_offset) - 0.02 <= seconds(w.start_offset) <= seconds(w.end_offset)
+            assert 0.0 <= w.probability <= 1.0
+
+
+def test_long_form_mode_defaults_to_the_servers(tiny_engine, wav, monkeypatch):
+    modes = []
+    transcribe = tiny_engine.transcribe
+
+    def spy(audio, options, **kw):
+        modes.append(options.mode)
+        return transcribe(audio, options, **kw)
+
+    monkeypatch.setattr(tiny_engine, "transcribe", spy)
+    srv = start_server(tiny_engine, default_mode="sequential")
+    try:
+        s = stub(srv.port)
+        check_result(call(s, "transcribe", config(language="en"), wav), 3.0)
+        check_result(call(s, "transcribe", config(long_form_mode=pb.LONG_FORM_MODE_BATCHED), wav), 3.0)
+    finally:
+        srv.stop()
+    assert modes == ["sequential", "batched"]
