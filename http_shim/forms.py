@@ -80,8 +80,8 @@ class Params:
     def check(self) -> None:
         """Checks across fields, once all are known."""
         if self.stream and self.response_format not in ("json", "text"):
-            raise bad_request(f"stream=true gives text deltas; it cannot be combined with response_format "
-                              f"'{self.response_format}' (use json or text)", "stream", "unsupported_value")
+            # As vLLM does: a stream is text deltas whatever format was asked for.
+            log.info("stream=true: response_format %r does not apply to the event stream", self.response_format)
 
 
 def _text(p: Params, name: str, value: str) -> None:
