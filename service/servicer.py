@@ -96,6 +96,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             if e.code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", task, e.message)
             await context.abort_with_status(e.status())
+        except Exception as e:  # a bug: the call fails, the server goes on
+            log.exception("%s failed", task)
+            await context.abort_with_status(errors.internal(f"{type(e).__name__}: {e}").status())
         finally:
             self.active -= 1
             call.stop()
