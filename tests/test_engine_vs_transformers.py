@@ -41,7 +41,7 @@ def test_teacher_forced_logits_match_transformers(fixture, request):
     rng = np.random.default_rng(6)
     tokens = np.concatenate([np.array([[50258, 50259, 50360]] * 2), rng.integers(0, 50000, (2, 17))], axis=1).astype(np.int32)
     feats = model.encode(params, jnp.asarray(mel), dims)
-    ck, cv = model.cross_kv(params, feats)
+    ck, cv = model.cross_kv(params, feats, dims)
     sk, sv = model.empty_self_cache(dims, 2, jnp.float32)
     index = np.tile(np.arange(tokens.shape[1]), (2, 1)).astype(np.int32)
     ours, _ = model.decode(params, jnp.asarray(tokens), jnp.zeros(2, jnp.int32), model.KVCache(sk, sv, ck, cv),
@@ -57,7 +57,7 @@ def test_incremental_decoding_equals_full_sequence(tiny_model):
     directory, _ = tiny_model
     params, dims = load(directory)
     feats = model.encode(params, jnp.asarray(random_mel(dims.n_mels, 1)), dims)
-    ck, cv = model.cross_kv(params, feats)
+    ck, cv = model.cross_kv(params, feats, dims)
     tokens = np.array([[50258, 50259, 50359, 50363, 440, 2068, 3699, 11]], np.int32)
     sk, sv = model.empty_self_cache(dims, 1, jnp.float32)
     full, _ = model.decode(params, jnp.asarray(tokens), jnp.zeros(1, jnp.int32), model.KVCache(sk, sv, ck, cv),

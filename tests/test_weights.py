@@ -20,8 +20,9 @@ def params_of(path) -> dict:
 
 
 def flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in items:
+        if isinstance(v, (dict, list)):
             yield from flat(v, f"{prefix}{k}/")
         else:
             yield f"{prefix}{k}", v

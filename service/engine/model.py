@@ -1,13 +1,16 @@
 """The Whisper network as pure JAX functions over an explicit parameter tree.
 
-Parameters follow openai-whisper's names, with each stack of residual blocks stored as arrays
-whose leading axis is the layer, so one `lax.scan` runs the stack (small programs, fast compiles).
-Linear kernels are stored as [in, out].
+Parameters follow openai-whisper's names; linear kernels are stored as [in, out]. The encoder's
+blocks are stacked (leading axis = layer) and run by one `lax.scan`: its layers are compute-bound,
+and a scan keeps programs small. The decoder's blocks are a list, unrolled: a decode step is
+memory-bound, and slicing one layer out of a stacked array (weights or caches) costs a copy of
+it at every step, while separate buffers are read in place.
 
 The decoder keeps a preallocated self-attention cache of `n_text_ctx` positions per row; each
 call writes its new keys/values at the row's own positions, so rows of one batch can be at
 different lengths (continuous batching). Cross-attention keys/values are computed once per
-window by `cross_kv` and reused at every step.
+window by `cross_kv` and reused at every step. Caches are head-major ([B, H, T, Dh]), the
+layout attention's batched matmuls read without transposing.
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ import jax.numpy as jnp
 from .dims import ModelDimensions
 
 Params = dict
+Layers = tuple  # one array per decoder layer
 
 
 class KVCache(NamedTuple):
-    self_k: jax.Array  # [layers, batch, n_text_ctx, state]
-    self_v: jax.Array
-    cross_k: jax.Array  # [layers, batch, n_audio_ctx, state]
-    cross_v: jax.Array
+    self_k: Layers  # each [batch, heads, n_text_ctx, head_dim]
+    self_v: Layers
+    cross_k: Layers  # each [batch, heads, n_audio_ctx, head_dim]
+    cross_v: Layers
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:
@@ -45,19 +49,24 @@ def mlp(x: jax.Array, p: dict) -> jax.Array:
     return linear(jax.nn.gelu(linear(x, p["mlp1"]), approximate=False), p["mlp2"])
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, n_head: int, mask: jax.Array | None) -> jax.Array:
-    """q [B, S, D], k/v [B, T, D], mask broadcastable to [B, 1, S, T] (True = attend)."""
-    b, s, d = q.shape
-    t = k.shape[1]
-    dh = d // n_head
-    q = q.reshape(b, s, n_head, dh)
-    k = k.reshape(b, t, n_head, dh)
-    v = v.reshape(b, t, n_head, dh)
-    scores = jnp.einsum("bshd,bthd->bhst", q, k).astype(jnp.float32) * (dh**-0.5)
+def split_heads(x: jax.Array, n_head: int) -> jax.Array:
+    """[B, S, D] -> [B, H, S, D/H]: the layout batched attention matmuls read without copies."""
+    b, s, d = x.shape
+    return x.reshape(b, s, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    b, h, s, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * dh)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """q [B, H, S, Dh], k/v [B, H, T, Dh], mask broadcastable to [B, H, S, T] (True = attend)."""
+    scores = jnp.einsum("bhsd,bhtd->bhst", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
     if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bthd->bshd", weights, v).reshape(b, s, d)
+    return jnp.einsum("bhst,bhtd->bhsd", weights, v)
 
 
 def conv1d(x: jax.Array, p: dict, stride: int) -> jax.Array:
@@ -80,7 +89,8 @@ def encode(params: Params, mel: jax.Array, dims: ModelDimensions) -> jax.Array:
     def block(x, bp):
         h = layer_norm(x, bp["attn_ln"])
         a = bp["attn"]
-        x = x + linear(attention(linear(h, a["query"]), linear(h, a["key"]), linear(h, a["value"]), dims.n_audio_head, None), a["out"])
+        q, k, v = (split_heads(linear(h, a[n]), dims.n_audio_head) for n in ("query", "key", "value"))
+        x = x + linear(merge_heads(attention(q, k, v)), a["out"])
         x = x + mlp(layer_norm(x, bp["mlp_ln"]), bp)
         return x, None
 
@@ -88,20 +98,20 @@ def encode(params: Params, mel: jax.Array, dims: ModelDimensions) -> jax.Array:
     return layer_norm(x, p["ln_post"])
 
 
-def cross_kv(params: Params, audio_features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention keys and values of every decoder layer: two [layers, B, n_audio_ctx, state]."""
-    ca = params["decoder"]["blocks"]["cross_attn"]
+def cross_kv(params: Params, audio_features: jax.Array, dims: ModelDimensions) -> tuple[Layers, Layers]:
+    """Cross-attention keys and values of every decoder layer, each [B, heads, n_audio_ctx, head_dim]."""
+    keys, values = [], []
+    for bp in params["decoder"]["blocks"]:
+        a = bp["cross_attn"]
+        keys.append(split_heads(linear(audio_features, a["key"]), dims.n_text_head))
+        values.append(split_heads(linear(audio_features, a["value"]), dims.n_text_head))
+    return tuple(keys), tuple(values)
 
-    def per_layer(_, a):
-        return None, (linear(audio_features, a["key"]), linear(audio_features, a["value"]))
 
-    _, (k, v) = jax.lax.scan(per_layer, None, ca)
-    return k, v
-
-
-def empty_self_cache(dims: ModelDimensions, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
-    shape = (dims.n_text_layer, batch, dims.n_text_ctx, dims.n_text_state)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+def empty_self_cache(dims: ModelDimensions, batch: int, dtype, length: int | None = None) -> tuple[Layers, Layers]:
+    shape = (batch, dims.n_text_head, length or dims.n_text_ctx, dims.n_text_state // dims.n_text_head)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))  # noqa: E731
+    return zeros(), zeros()
 
 
 def decode(
@@ -114,36 +124,36 @@ def decode(
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder on `tokens` [B, S] placed at positions start[b] .. start[b]+S-1.
 
-    Writes their keys/values into the cache and returns float32 logits [B, N, vocab] of the
-    positions `logit_index` [B, N] (indices into S), so only the needed rows meet the vocabulary.
+    Returns float32 logits [B, N, vocab] of the positions `logit_index` [B, N] (indices into S),
+    so only the needed rows meet the vocabulary, and the cache with the block's keys/values
+    written in: each layer writes the block into its own (donated) cache buffer, in place, then
+    attends to every position up to each query's own.
     """
     p = params["decoder"]
     b, s = tokens.shape
     positions = start[:, None] + jnp.arange(s)[None, :]  # [B, S]
     x = p["token_embedding"][tokens] + p["positional_embedding"][jnp.clip(positions, 0, dims.n_text_ctx - 1)]
-    key_pos = jnp.arange(cache.self_k.shape[2])
-    causal = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, T]
-    rows = jnp.arange(b)[:, None]
-
-    def block(carry, layer):
-        x, sk, sv = carry
-        bp, i, ck, cv = layer
+    visible = jnp.arange(cache.self_k[0].shape[2])[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, T]
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(dims.n_text_head)[None, :, None]
+    at = positions[:, None, :]
+    self_k, self_v = [], []
+    for bp, sk, sv, ck, cv in zip(p["blocks"], cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
         h = layer_norm(x, bp["attn_ln"])
         a = bp["attn"]
-        q, k, v = linear(h, a["query"]), linear(h, a["key"]), linear(h, a["value"])
-        # Positions past the cache (a full context) are dropped; their logits are never used.
-        sk = sk.at[i, rows, positions].set(k, mode="drop")
-        sv = sv.at[i, rows, positions].set(v, mode="drop")
-        x = x + linear(attention(q, sk[i], sv[i], dims.n_text_head, causal), a["out"])
+        q, k, v = (split_heads(linear(h, a[n]), dims.n_text_head) for n in ("query", "key", "value"))
+        # Write first, then read: the donated buffer is then updated in place, not copied.
+        # Positions past the context (a full cache) are dropped; their logits are never used.
+        sk = sk.at[rows, heads, at].set(k, mode="drop")
+        sv = sv.at[rows, heads, at].set(v, mode="drop")
+        self_k.append(sk)
+        self_v.append(sv)
+        x = x + linear(merge_heads(attention(q, sk, sv, visible)), a["out"])
         h = layer_norm(x, bp["cross_attn_ln"])
         c = bp["cross_attn"]
-        x = x + linear(attention(linear(h, c["query"]), ck, cv, dims.n_text_head, None), c["out"])
+        x = x + linear(merge_heads(attention(split_heads(linear(h, c["query"]), dims.n_text_head), ck, cv)), c["out"])
         x = x + mlp(layer_norm(x, bp["mlp_ln"]), bp)
-        return (x, sk, sv), None
-
-    layers = (p["blocks"], jnp.arange(dims.n_text_layer), cache.cross_k, cache.cross_v)
-    (x, sk, sv), _ = jax.lax.scan(block, (x, cache.self_k, cache.self_v), layers)
     x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     x = layer_norm(x, p["ln"])
     logits = (x @ p["token_embedding"].T).astype(jnp.float32)
-    return logits, KVCache(sk, sv, cache.cross_k, cache.cross_v)
+    return logits, KVCache(tuple(self_k), tuple(self_v), cache.cross_k, cache.cross_v)

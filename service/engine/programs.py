@@ -60,15 +60,14 @@ class Programs:
         self._encode = jax.jit(partial(model.encode, dims=dims))
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(2,))
 
     # ---- the programs ----------------------------------------------------------------------
 
     def _detect_impl(self, params, features: jax.Array, sot: jax.Array) -> jax.Array:
         b = features.shape[0]
-        ck, cv = model.cross_kv(params, features)
-        sk, sv = model.empty_self_cache(self.dims, b, self.dtype)
-        sk, sv = sk[:, :, :1], sv[:, :, :1]
+        ck, cv = model.cross_kv(params, features, self.dims)
+        sk, sv = model.empty_self_cache(self.dims, b, self.dtype, length=1)
         tokens = jnp.full((b, 1), sot, jnp.int32)
         logits, _ = model.decode(params, tokens, jnp.zeros(b, jnp.int32), model.KVCache(sk, sv, ck, cv),
                                  jnp.zeros((b, 1), jnp.int32), self.dims)
@@ -76,7 +75,7 @@ class Programs:
 
     def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions, no_speech):
         k = features.shape[0]
-        ck, cv = model.cross_kv(params, features)
+        ck, cv = model.cross_kv(params, features, self.dims)
         sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
         logit_index = jnp.stack([sot_index, length - 1], axis=1)
         logits, new = model.decode(params, prefix, jnp.zeros(k, jnp.int32), model.KVCache(sk, sv, ck, cv), logit_index, self.dims)
@@ -92,12 +91,10 @@ class Programs:
         )
         tokens, logprobs, state = select_tokens(logits[:, 1], state, options, self.vocab)
 
-        def put(big, small, axis=0):
-            index = (slice(None),) * axis + (slot_ids,)
-            return big.at[index].set(small, mode="drop")
+        def put(big, small):
+            return big.at[slot_ids].set(small, mode="drop")
 
-        cache = model.KVCache(put(slots.cache.self_k, new.self_k, 1), put(slots.cache.self_v, new.self_v, 1),
-                              put(slots.cache.cross_k, ck, 1), put(slots.cache.cross_v, cv, 1))
+        cache = model.KVCache(*(tuple(map(put, b, s)) for b, s in zip(slots.cache, (new.self_k, new.self_v, ck, cv))))
         slots = Slots(
             cache,
             RowState(*(put(b, s) for b, s in zip(slots.state, state))),
@@ -106,24 +103,29 @@ class Programs:
         )
         return slots, tokens, logprobs, no_speech_prob
 
-    def _step_impl(self, params, slots: Slots):
-        tokens = slots.state.last_token[:, None]
-        logits, cache = model.decode(params, jnp.maximum(tokens, 0), slots.position, slots.cache,
+    def _step_impl(self, params, fixed, moving):
+        """`fixed` (cross keys/values, options) is only read; `moving` (self-attention cache,
+        row state, positions) is donated and updated in place. Passing the large cross cache
+        through as an output would make XLA copy it at every step."""
+        (cross_k, cross_v, options), (self_k, self_v, state, position) = fixed, moving
+        cache = model.KVCache(self_k, self_v, cross_k, cross_v)
+        logits, cache = model.decode(params, jnp.maximum(state.last_token, 0)[:, None], position, cache,
                                      jnp.zeros((self.n_slots, 1), jnp.int32), self.dims)
-        next_tokens, logprobs, state = select_tokens(logits[:, 0], slots.state, slots.options, self.vocab)
-        return Slots(cache, state, slots.options, slots.position + 1), next_tokens, logprobs
+        next_tokens, logprobs, state = select_tokens(logits[:, 0], state, options, self.vocab)
+        return (cache.self_k, cache.self_v, state, position + 1), next_tokens, logprobs
 
     # ---- host-side entry points -----------------------------------------------------------
 
     def empty_slots(self) -> Slots:
         n, d = self.n_slots, self.dims
         sk, sv = model.empty_self_cache(d, n, self.dtype)
-        cross = jnp.zeros((d.n_text_layer, n, d.n_audio_ctx, d.n_text_state), self.dtype)
+        cross_shape = (n, d.n_text_head, d.n_audio_ctx, d.n_text_state // d.n_text_head)
+        cross = lambda: tuple(jnp.zeros(cross_shape, self.dtype) for _ in range(d.n_text_layer))  # noqa: E731
         state = RowState(*(jnp.full(n, -1, jnp.int32) for _ in range(3)), jnp.zeros(n, jnp.int32),
                          jnp.zeros((n, d.n_vocab), bool))
         options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
                              jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
-        return Slots(model.KVCache(sk, sv, cross, jnp.zeros_like(cross)), state, options,
+        return Slots(model.KVCache(sk, sv, cross(), cross()), state, options,
                      jnp.full(n, d.n_text_ctx, jnp.int32))
 
     def encode(self, mel: np.ndarray | jax.Array) -> jax.Array:
@@ -160,7 +162,11 @@ class Programs:
         return slots, np.asarray(tokens)[:k], np.asarray(logprobs)[:k], np.asarray(no_speech_prob)[:k]
 
     def step(self, slots: Slots) -> tuple[Slots, np.ndarray, np.ndarray]:
-        slots, tokens, logprobs = self._step(self.params, slots)
+        c = slots.cache
+        fixed = (c.cross_k, c.cross_v, slots.options)
+        moving = (c.self_k, c.self_v, slots.state, slots.position)
+        (self_k, self_v, state, position), tokens, logprobs = self._step(self.params, fixed, moving)
+        slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
         return slots, np.asarray(tokens), np.asarray(logprobs)
 
     @staticmethod

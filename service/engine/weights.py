@@ -158,7 +158,14 @@ def build_params(tensors: Iterator[tuple[str, torch.Tensor]], dims: ModelDimensi
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    # The decoder runs its layers unrolled, each from its own buffers (see model.py).
+    stacked = tree["decoder"]["blocks"]
+    tree["decoder"]["blocks"] = [_map_leaves(stacked, lambda a: a[i]) for i in range(dims.n_text_layer)]
     return tree
+
+
+def _map_leaves(tree: dict, fn) -> dict:
+    return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 @dataclass

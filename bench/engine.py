@@ -1,0 +1,107 @@
+"""Engine throughput on fixed work, beside the peers a user would run instead.
+
+Work (the same as the peer benchmark's): N windows of 30 s log-mel features (seeded Gaussian
+noise), greedy decoding of exactly T tokens per window after the 4-token prompt
+<|startoftranscript|><|en|><|translate|><|notimestamps|>, end-of-text suppressed, at batch B.
+The engine runs its real path: compiled programs driven by the continuous-batching scheduler.
+
+  python bench/engine.py --model-dir /tmp/peer_base/hf --windows 8 --batch 8 --tokens 64 \
+      [--peers-script PATH/peers.py --size base]
+
+With --peers-script, the peer script is run first in the same invocation (it writes the random
+model to --model-dir's parent, in Hugging Face layout) and a table of ratios is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def features(n: int, n_mels: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, n_mels, 3000)).astype(np.float32) * 0.5
+
+
+def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int) -> dict:
+    import jax
+
+    from service.engine import Engine
+    from service.engine.programs import Programs
+    from service.engine.rules import Vocabulary
+    from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
+
+    engine = Engine.load(model_dir, max_batch=batch, dtype=dtype)
+    engine.close()  # its own scheduler is not used: the benchmark's vocabulary suppresses end-of-text
+    tok = engine.tokenizer
+    vocab = Vocabulary.of(tok, engine.dims.n_vocab)
+    suppress = vocab.suppress.copy()
+    suppress[tok.eot] = True
+    vocab = vocab._replace(suppress=suppress, blank=np.zeros_like(vocab.blank))
+    programs = Programs(engine.programs.params, engine.dims, vocab, batch, list(tok.language_tokens.values()))
+    scheduler = DecodeScheduler(programs, tok)
+    prompt = [tok.sot, tok.language_tokens["en"], tok.translate, tok.no_timestamps]
+    feats = features(windows, engine.dims.n_mels)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        jobs = [DecodeJob(Window(feats[i]), prompt, 0, timestamps=False, sample_len=tokens) for i in range(windows)]
+        for job in jobs:
+            scheduler.submit(job)
+        outs = [job.future.result() for job in jobs]
+        assert all(len(o.tokens) == tokens for o in outs), [len(o.tokens) for o in outs]
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    first = once()  # compiles
+    best = min(once() for _ in range(reps))
+    scheduler.close()
+    return {"seconds": round(best, 3), "windows_per_s": round(windows / best, 3),
+            "tokens_per_s": round(windows * tokens / best, 1), "first_run_s": round(first, 2),
+            "backend": jax.default_backend(), "dtype": str(engine.programs.dtype),
+            "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True, help="Hugging Face Whisper directory (peers.py writes OUT/hf)")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--peers-script", help="peer benchmark to run first, in this same invocation")
+    ap.add_argument("--size", default="base", help="architecture for the peer script")
+    ap.add_argument("--peers", default="hf,ct2,ct2-int8,openai")
+    a = ap.parse_args()
+
+    peers = {}
+    if a.peers_script:
+        out = str(Path(a.model_dir).parent)
+        cmd = [sys.executable, a.peers_script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
+               "--tokens", str(a.tokens), "--out", out, "--peers", a.peers]
+        text = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
+        peers = json.loads(text[text.index("{"):])["peers"]
+    ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps)
+    rows = {"dragoman-jax": ours, **peers}
+    fastest_peer = max((v["windows_per_s"] for v in peers.values()), default=None)
+    print(json.dumps({"windows": a.windows, "batch": a.batch, "tokens": a.tokens, "cpus": os.cpu_count(),
+                      "results": rows}, indent=1))
+    print(f"\n{'':24}{'windows/s':>12}{'tokens/s':>12}{'dragoman x':>12}")
+    for name, r in rows.items():
+        ratio = ours["windows_per_s"] / r["windows_per_s"]
+        print(f"{name:24}{r['windows_per_s']:>12.3f}{r['tokens_per_s']:>12.1f}{ratio:>12.2f}")
+    if fastest_peer:
+        print(f"\ndragoman / fastest peer: {ours['windows_per_s'] / fastest_peer:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
