@@ -86,7 +86,7 @@ class Engine:
         t0 = time.perf_counter()
         p = self.programs
         slots = p.empty_slots()
-        for size in p.batch_sizes:
+        for size in p.batch_sizes:  # encodes at every encoder bucket on the way
             feats = p.encode(np.zeros((size, self.dims.n_mels, N_FRAMES), np.float32))
             if self.tokenizer.is_multilingual:
                 p.detect_language(feats, self.tokenizer.sot)
