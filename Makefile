@@ -44,5 +44,7 @@ proto-check: .venv/installed node_modules/installed
 	@git diff --exit-code --stat -- dragoman/ && test -z "$$(git ls-files --others --exclude-standard -- dragoman/)" \
 		|| { echo "error: the stubs in dragoman/ differ from proto/: run 'make proto' and commit them" >&2; exit 1; }
 
+# Engine throughput on a random-weight Whisper; add PEERS=path/to/peers.py for the peer table.
 bench: .venv/installed
-	$(PY) bench/engine.py --size base --windows 8 --batch 8 --tokens 64
+	$(PY) bench/engine.py --model-dir /tmp/dragoman-bench/hf --size base --windows 8 --batch 8 --tokens 64 \
+		$(if $(PEERS),--peers-script $(PEERS))

@@ -70,6 +70,35 @@ def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str
             "total_s": round(time.perf_counter() - t0, 1)}
 
 
+SIZES = {  # name: (d_model, encoder layers, decoder layers, heads, n_mels, vocab)
+    "tiny": (384, 4, 4, 6, 80, 51865),
+    "base": (512, 6, 6, 8, 80, 51865),
+    "small": (768, 12, 12, 12, 80, 51865),
+    "medium": (1024, 24, 24, 16, 80, 51865),
+    "large-v3": (1280, 32, 32, 20, 128, 51866),
+    "large-v3-turbo": (1280, 32, 4, 20, 128, 51866),
+}
+
+
+def build_random_model(out: str, size: str) -> None:
+    """A seeded random Whisper of an official architecture, with Whisper's real vocabulary."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from random_models import tokenizer_dir
+
+    d, enc, dec, heads, mels, vocab = SIZES[size]
+    cfg = WhisperConfig(vocab_size=vocab, num_mel_bins=mels, d_model=d, encoder_layers=enc, decoder_layers=dec,
+                        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d,
+                        decoder_ffn_dim=4 * d, max_source_positions=1500, max_target_positions=448,
+                        decoder_start_token_id=50258, pad_token_id=50257, eos_token_id=50257, bos_token_id=50257)
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(cfg).eval().save_pretrained(out)
+    for f in tokenizer_dir(vocab - 51766, str(Path(out).parent)).iterdir():
+        (Path(out) / f.name).write_bytes(f.read_bytes())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True, help="Hugging Face Whisper directory (peers.py writes OUT/hf)")
@@ -79,11 +108,14 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"))
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--peers-script", help="peer benchmark to run first, in this same invocation")
-    ap.add_argument("--size", default="base", help="architecture for the peer script")
+    ap.add_argument("--size", default="base", choices=SIZES,
+                    help="architecture of the random model (built when --model-dir has none) and of the peers")
     ap.add_argument("--peers", default="hf,ct2,ct2-int8,openai")
     a = ap.parse_args()
 
     peers = {}
+    if not a.peers_script and not (Path(a.model_dir) / "config.json").exists():
+        build_random_model(a.model_dir, a.size)
     if a.peers_script:
         out = str(Path(a.model_dir).parent)
         cmd = [sys.executable, a.peers_script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
