@@ -14,7 +14,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.sansio import multipart as mp
 
 from .errors import APIError, bad_request
-from .languages import language_code
+from service.languages import language_code
 
 log = logging.getLogger(__name__)
 

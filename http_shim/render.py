@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .languages import language_name
+from service.languages import language_name
 
 MIMETYPES = {
     "json": "application/json",

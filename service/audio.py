@@ -63,36 +63,3 @@ def _append(chunks: list[np.ndarray], frame: av.AudioFrame, limits: AudioLimits,
         raise AudioError(f"the audio is longer than the {limits.max_seconds:g} s allowed")
     chunks.append(samples)
     return len(samples)
-
-
-def decode_pcm(data: bytes, sample_rate: int, channels: int = 1, encoding: str = "s16le") -> np.ndarray:
-    """Headerless little-endian PCM (interleaved channels) to 16 kHz mono float32."""
-    if encoding not in PCM_FORMATS:
-        raise AudioError(f"PCM encoding must be one of {', '.join(PCM_FORMATS)}, got {encoding!r}")
-    if not 1 <= channels <= 8:
-        raise AudioError(f"channels must be in [1, 8], got {channels}")
-    if not 8000 <= sample_rate <= 192000:
-        raise AudioError(f"sample_rate must be in [8000, 192000] Hz, got {sample_rate}")
-    dtype = PCM_FORMATS[encoding]
-    frame_bytes = np.dtype(dtype).itemsize * channels
-    if len(data) == 0:
-        raise AudioError("the audio is empty")
-    if len(data) % frame_bytes:
-        raise AudioError(f"{encoding} PCM with {channels} channel(s) comes in {frame_bytes}-byte frames; got {len(data)} bytes")
-    samples = np.frombuffer(data, dtype).reshape(-1, channels)
-    mono = samples.astype(np.float32).mean(axis=1)
-    if dtype == np.int16:
-        mono /= 32768.0
-    return resample(mono, sample_rate)
-
-
-def resample(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mono float32 at any rate to 16 kHz, through FFmpeg's resampler."""
-    if sample_rate == SAMPLE_RATE:
-        return audio.astype(np.float32, copy=False)
-    frame = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None, :], format="flt", layout="mono")
-    frame.sample_rate = sample_rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

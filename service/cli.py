@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .audio import AudioError, decode_audio
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
-from .engine.languages import language_code
+from .languages import language_code
 
 DEFAULT_MODEL = "openai/whisper-large-v3"
 

@@ -1,8 +1,7 @@
 """Headerless PCM that arrives in pieces, turned into 16 kHz mono float32 as it arrives.
 
-`service.audio.decode_pcm` converts a whole buffer; a stream is cut anywhere (even inside a
-sample frame) and resampling must carry its filter state across pieces, so the output does not
-depend on how the bytes were split.
+A stream is cut anywhere (even inside a sample frame), and resampling carries its filter state
+across pieces, so the output does not depend on how the bytes were split.
 """
 from __future__ import annotations
 

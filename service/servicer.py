@@ -28,7 +28,7 @@ from . import errors
 from .audio import AudioError, AudioLimits, decode_audio
 from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription
 from .engine import Segment as EngineSegment
-from .engine.languages import LANGUAGES, language_code
+from .languages import LANGUAGES, language_code
 from .errors import ServiceError, invalid_argument
 from .pcm_stream import PcmStream
 from .settings import ServerConfig

@@ -10,7 +10,7 @@ import pytest
 
 from dragoman.v1 import speech_pb2 as pb
 from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields
-from service.engine.languages import LANGUAGES
+from service.languages import LANGUAGES
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
-from .languages import LANGUAGES
+from ..languages import LANGUAGES
 
 
 class WhisperTokenizer:

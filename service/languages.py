@@ -1,4 +1,6 @@
-"""Whisper's languages, in the order of their tokens in the vocabulary."""
+"""Whisper's languages, in the order of their tokens in the vocabulary, and the names users give them.
+
+Pure data: the HTTP API uses it without loading the engine."""
 
 LANGUAGES: dict[str, str] = {
     "en": "english",
@@ -121,9 +123,19 @@ LANGUAGE_CODES: dict[str, str] = {
 }
 
 
-def language_code(name: str) -> str | None:
-    """The code of a language given by code or by name ("it", "Italian"), or None if unknown."""
-    key = name.strip().lower()
+def language_code(value: str) -> str | None:
+    """The code of a language given by code, name or BCP 47 tag ("it", "Italian", "it-IT"), or None."""
+    key = value.strip().lower().replace("_", "-")
     if key in LANGUAGES:
         return key
-    return LANGUAGE_CODES.get(key)
+    if key in LANGUAGE_CODES:
+        return LANGUAGE_CODES[key]
+    base = key.split("-", 1)[0]
+    if base != key and base in LANGUAGES:
+        return base
+    return None
+
+
+def language_name(code: str) -> str:
+    """The English name of a code ("it" -> "italian"), as OpenAI reports it; the code if unknown."""
+    return LANGUAGES.get(code, code)
