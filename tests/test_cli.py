@@ -1,0 +1,80 @@
+"""`python -m service translate|transcribe FILE...`: the engine on files, without a server."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from audio_signals import speechlike
+
+SEGMENT_FIELDS = {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+                  "no_speech_prob"}
+
+
+def write_audio(path, seconds: float, fmt: str, codec: str, rate: int = 44100):
+    audio = speechlike(seconds, sample_rate=rate)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        stream = c.add_stream(codec, rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.stack([audio, audio]), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="stereo", rate=rate)
+        for f in resampler.resample(frame):
+            for p in stream.encode(f):
+                c.mux(p)
+        for p in stream.encode(None):
+            c.mux(p)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def run_cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off"}
+    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audio")
+    return {
+        "wav": write_audio(d / "short.wav", 4.0, "wav", "pcm_s16le"),
+        "mp3": write_audio(d / "long.mp3", 35.0, "mp3", "libmp3lame"),
+        "bad": d / "notes.txt",
+    }
+
+
+def test_json_output_has_one_object_per_file_and_bad_files_are_reported(tiny_model, files):
+    files["bad"].write_text("not audio at all")
+    r = run_cli("transcribe", str(files["wav"]), str(files["bad"]), str(files["mp3"]), "--model", str(tiny_model[0]),
+                "--json", "--language", "en", "--temperature", "0", "--max-batch", "2")
+    assert r.returncode == 1, r.stderr
+    assert f"{files['bad']}: the audio could not be decoded" in r.stderr
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["file"] for x in results] == [str(files["wav"]), str(files["mp3"])]
+    for x, seconds in zip(results, (4.0, 35.0)):
+        assert x["language"] == "en"
+        assert x["duration"] == pytest.approx(seconds, abs=0.05)
+        assert x["segments"] and all(SEGMENT_FIELDS <= set(s) for s in x["segments"])
+        assert x["text"] == "".join(s["text"] for s in x["segments"])
+        assert all(s["temperature"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) for s in x["segments"])
+    assert max(s["end"] for s in results[1]["segments"]) > 30.0  # the second window was decoded
+
+
+def test_translate_prints_timed_lines(tiny_model, files):
+    r = run_cli("translate", str(files["wav"]), "--model", str(tiny_model[0]), "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and all(line.startswith("[00:00:0") and " --> " in line for line in lines)
+
+
+def test_unknown_language_and_missing_model_are_clear_errors(tiny_model, files):
+    r = run_cli("translate", str(files["wav"]), "--model", str(tiny_model[0]), "--language", "klingon")
+    assert r.returncode == 2 and "unknown language 'klingon'" in r.stderr
+    r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model")
+    assert r.returncode == 2 and "does not exist" in r.stderr
