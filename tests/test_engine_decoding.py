@@ -136,3 +136,19 @@ def test_cancelled_transcription_stops_and_the_engine_serves_on(tiny_engine):
 def test_bad_options_name_the_field(tiny_engine, options, field):
     with pytest.raises(ValueError, match=field):
         tiny_engine.transcribe(speechlike(1.0), options)
+
+
+def test_batched_word_timestamps_are_timed_within_their_window(tiny_engine):
+    audio = speechlike(50.0, seed=8)
+    result = tiny_engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), word_timestamps=True))
+    plain = tiny_engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert [s.seek for s in result.segments] == [s.seek for s in plain.segments]  # the same decoding, timed
+    assert not any(s.words for s in plain.segments)
+    words = [w for s in result.segments for w in s.words]
+    assert len(words) >= 5
+    for s in result.segments:
+        window_start = s.seek / 100
+        for w in s.words:
+            assert window_start - 1e-6 <= w.start <= w.end <= min(window_start + 30.0, 50.0) + 1e-6
+            assert 0.0 <= w.probability <= 1.0
+        assert [w.start for w in s.words] == sorted(w.start for w in s.words)

@@ -91,3 +91,23 @@ def test_sequential_mode_equals_openai_transcribe_on_70s(pair, task):
         assert a.avg_logprob == pytest.approx(b["avg_logprob"], abs=1e-4)
         assert a.no_speech_prob == pytest.approx(b["no_speech_prob"], abs=1e-4)
     assert ours.text == ref["text"]
+
+
+def test_word_timestamps_equal_openai_transcribe(pair):
+    engine, om = pair
+    audio = speechlike(40.0, seed=12)
+    ref = whisper.transcribe(om, audio, language="en", temperature=0.0, fp16=False, verbose=None, word_timestamps=True)
+    ours = engine.transcribe(audio, TranscribeOptions(language="en", mode="sequential", temperatures=(0.0,),
+                                                      word_timestamps=True))
+    assert len(ours.segments) == len(ref["segments"]) > 1
+    n_words = 0
+    for a, b in zip(ours.segments, ref["segments"]):
+        assert (a.seek, a.tokens) == (b["seek"], b["tokens"])
+        assert a.start == pytest.approx(b["start"], abs=1e-3)
+        assert a.end == pytest.approx(b["end"], abs=1e-3)
+        assert [w.word for w in a.words] == [w["word"] for w in b["words"]]
+        for w, r in zip(a.words, b["words"]):
+            assert (w.start, w.end) == pytest.approx((r["start"], r["end"]), abs=1e-6)
+            assert w.probability == pytest.approx(r["probability"], abs=1e-4)
+        n_words += len(a.words)
+    assert n_words >= 5

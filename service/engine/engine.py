@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from . import features, weights
+from .alignment import add_word_timestamps, alignment_heads, find_alignment
 from .dims import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SECONDS_PER_TOKEN, ModelDimensions
 from .programs import Programs
 from .results import Segment, TranscribeOptions, Transcription
@@ -55,7 +56,8 @@ class Engine:
                 raise weights.CheckpointError(
                     f"the tokenizer's special tokens (up to id {token}) do not fit the model's vocabulary of {dims.n_vocab}")
         self.programs = Programs(params, dims, Vocabulary.of(tokenizer, dims.n_vocab), max_batch,
-                                 list(tokenizer.language_tokens.values()))
+                                 list(tokenizer.language_tokens.values()),
+                                 alignment_heads(tokenizer.generation_config, dims))
         self.scheduler = DecodeScheduler(self.programs, tokenizer, max_queue=max_queue)
 
     @classmethod
@@ -155,6 +157,7 @@ class _Run:
         n_ctx = engine.dims.n_text_ctx
         self.sample_len = options.max_new_tokens or n_ctx // 2
         self.initial_prompt = self.tok.encode(" " + options.prompt.strip()) if options.prompt else []
+        self.last_speech_timestamp = 0.0
 
     # -- pieces shared by both modes
 
@@ -201,13 +204,23 @@ class _Run:
             return False
         return not (o.logprob_threshold is not None and r.avg_logprob > o.logprob_threshold)
 
+    def _add_words(self, raw: list, window: Window, num_frames: int, time_offset: float) -> None:
+        """Word timestamps for the segments of one window (their bounds move to their words)."""
+        if not self.options.word_timestamps or not raw:
+            return
+        text = [t for s in raw for t in s.tokens if t < self.tok.eot]
+        sot = self.tok.sot_sequence(self.language, self.options.task)
+        scores, probs = self.engine.programs.align(window.features, sot + [self.tok.no_timestamps] + text + [self.tok.eot])
+        timings = find_alignment(scores, probs, self.tok, len(sot), text, num_frames, self.language)
+        self.last_speech_timestamp = add_word_timestamps(raw, timings, self.tok.eot, time_offset, self.last_speech_timestamp)
+
     def _emit(self, seek: int, raw, result: WindowResult) -> list[Segment]:
         out = []
         for s in raw:
             empty = s.start == s.end or not s.text.strip()  # kept, emptied, as openai-whisper does
             seg = Segment(len(self.segments), seek, round(s.start, 3), round(s.end, 3), "" if empty else s.text,
                           [] if empty else s.tokens, result.temperature, result.avg_logprob, result.compression_ratio,
-                          result.no_speech_prob)
+                          result.no_speech_prob, [] if empty else s.words)
             self.segments.append(seg)
             out.append(seg)
             if self.on_segment is not None:
@@ -287,9 +300,14 @@ class _Run:
                 r = final.pop(next_out)
                 start, end = spans[next_out]
                 if not self._is_silence(r):
-                    raw, _ = split_segments(r.tokens, self.tok, start / SAMPLE_RATE, (end - start) // HOP_LENGTH, keep_tail=True)
-                    for seg in raw:  # a window shorter than 30 s is padded; no time past its end is real
-                        seg.start, seg.end = min(seg.start, end / SAMPLE_RATE), min(seg.end, end / SAMPLE_RATE)
+                    frames = (end - start) // HOP_LENGTH
+                    raw, _, _ = split_segments(r.tokens, self.tok, start / SAMPLE_RATE, frames, keep_tail=True)
+                    self._add_words(raw, windows[next_out], frames, start / SAMPLE_RATE)
+                    limit = end / SAMPLE_RATE  # a window shorter than 30 s is padded; no time past its end is real
+                    for seg in raw:
+                        seg.start, seg.end = min(seg.start, limit), min(seg.end, limit)
+                        for w in seg.words:
+                            w.start, w.end = min(w.start, limit), min(w.end, limit)
                     self._emit(start // HOP_LENGTH, raw, r)
                 if self.on_progress is not None:
                     self.on_progress(end / SAMPLE_RATE)
@@ -329,9 +347,15 @@ class _Run:
             if self._is_silence(result):
                 seek += segment_size
                 continue
-            raw, consumed = split_segments(result.tokens, self.tok, seek * HOP_LENGTH / SAMPLE_RATE, segment_size, keep_tail=False)
+            time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+            raw, consumed, single_ending = split_segments(result.tokens, self.tok, time_offset, segment_size, keep_tail=False)
+            self._add_words(raw, window, segment_size, time_offset)
             emitted = self._emit(seek, raw, result)
-            seek += consumed
+            last_word_end = next((w.end for s in reversed(raw) for w in reversed(s.words)), raw[-1].end if raw else None)
+            if o.word_timestamps and not single_ending and last_word_end is not None and last_word_end > time_offset:
+                seek = round(last_word_end * 100)  # resume after the last word
+            else:
+                seek += consumed
             all_tokens.extend(t for s in emitted for t in s.tokens)
             if not o.condition_on_previous_text or result.temperature > 0.5:
                 prompt_reset_since = len(all_tokens)

@@ -62,11 +62,16 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """q [B, H, S, Dh], k/v [B, H, T, Dh], mask broadcastable to [B, H, S, T] (True = attend)."""
+    return attention_with_scores(q, k, v, mask)[0]
+
+
+def attention_with_scores(q, k, v, mask=None) -> tuple[jax.Array, jax.Array]:
+    """Attention, and its float32 scores before the softmax (what word alignment reads)."""
     scores = jnp.einsum("bhsd,bhtd->bhst", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
     if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bhtd->bhsd", weights, v)
+    return jnp.einsum("bhst,bhtd->bhsd", weights, v), scores
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 300) -> jax.Array:
@@ -132,13 +137,15 @@ def decode(
     cache: KVCache,
     logit_index: jax.Array,
     dims: ModelDimensions,
+    cross_scores: list | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder on `tokens` [B, S] placed at positions start[b] .. start[b]+S-1.
 
     Returns float32 logits [B, N, vocab] of the positions `logit_index` [B, N] (indices into S),
     so only the needed rows meet the vocabulary, and the cache with the block's keys/values
     written in: each layer writes the block into its own (donated) cache buffer, in place, then
-    attends to every position up to each query's own.
+    attends to every position up to each query's own. A list given as `cross_scores` receives
+    each layer's cross-attention scores [B, H, S, n_audio_ctx].
     """
     p = params["decoder"]
     b, s = tokens.shape
@@ -162,7 +169,10 @@ def decode(
         x = x + linear(merge_heads(attention(q, sk, sv, visible)), a["out"])
         h = layer_norm(x, bp["cross_attn_ln"])
         c = bp["cross_attn"]
-        x = x + linear(merge_heads(attention(split_heads(linear(h, c["query"]), dims.n_text_head), ck, cv)), c["out"])
+        out, scores = attention_with_scores(split_heads(linear(h, c["query"]), dims.n_text_head), ck, cv)
+        if cross_scores is not None:
+            cross_scores.append(scores)
+        x = x + linear(merge_heads(out), c["out"])
         x = x + mlp(layer_norm(x, bp["mlp_ln"]), bp)
     x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     x = layer_norm(x, p["ln"])

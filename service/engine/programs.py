@@ -9,6 +9,8 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
   first token (and the no-speech probability, read at <|startoftranscript|>).
 - `step`: one token for every slot: the one compiled decode step.
+- `align`: teacher-forced tokens of one window -> cross-attention scores of the alignment heads
+  and token probabilities, for word timestamps.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 
 class Programs:
-    def __init__(self, params: dict, dims: ModelDimensions, vocab: Vocabulary, n_slots: int, language_ids: list[int]):
+    def __init__(self, params: dict, dims: ModelDimensions, vocab: Vocabulary, n_slots: int, language_ids: list[int],
+                 alignment_heads: list[tuple[int, int]] = ()):
         self.params = params
         self.dims = dims
         self.vocab = vocab
@@ -63,6 +66,8 @@ class Programs:
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,))
+        self.alignment_heads = list(alignment_heads)
+        self._align = jax.jit(self._align_impl)
 
     # ---- the programs ----------------------------------------------------------------------
 
@@ -116,6 +121,16 @@ class Programs:
         next_tokens, logprobs, state = select_tokens(logits[:, 0], state, options, self.vocab)
         return (cache.self_k, cache.self_v, state, position + 1), next_tokens, logprobs
 
+    def _align_impl(self, params, features, tokens):
+        ck, cv = model.cross_kv(params, features, self.dims)
+        sk, sv = model.empty_self_cache(self.dims, 1, self.dtype)
+        scores: list = []
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        logits, _ = model.decode(params, tokens, jnp.zeros(1, jnp.int32), model.KVCache(sk, sv, ck, cv), positions,
+                                 self.dims, cross_scores=scores)
+        heads = jnp.stack([scores[layer][0, head] for layer, head in self.alignment_heads])
+        return heads, jax.nn.softmax(logits[0], axis=-1)
+
     # ---- host-side entry points -----------------------------------------------------------
 
     def empty_slots(self) -> Slots:
@@ -165,6 +180,16 @@ class Programs:
         slots, tokens, logprobs, no_speech_prob = self._admit(
             self.params, slots, self._pad_rows(features, size), prefix, length, sot, ids, options, jnp.int32(no_speech))
         return slots, np.asarray(tokens)[:k], np.asarray(logprobs)[:k], np.asarray(no_speech_prob)[:k]
+
+    def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
+        next-token probabilities [len(tokens), vocab] of one window's teacher-forced tokens."""
+        tokens = tokens[: self.dims.n_text_ctx]
+        width = bucket(len(tokens), (64, self.dims.n_text_ctx // 2 + 8, self.dims.n_text_ctx))
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(tokens)] = tokens
+        scores, probs = self._align(self.params, features[None], padded)
+        return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
     def step(self, slots: Slots) -> tuple[Slots, np.ndarray, np.ndarray]:
         c = slots.cache

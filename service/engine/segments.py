@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .dims import SECONDS_PER_TOKEN
 from .tokenizer import WhisperTokenizer
@@ -13,7 +13,7 @@ INPUT_STRIDE = 2  # mel frames per timestamp step
 def compression_ratio(text: str) -> float:
     """How much zlib shrinks the text: high for repetitive (looping) output."""
     data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
+    return len(data) / len(zlib.compress(data))
 
 
 @dataclass
@@ -33,11 +33,13 @@ class RawSegment:
     end: float
     tokens: list[int]
     text: str
+    words: list = field(default_factory=list)
 
 
 def split_segments(tokens: list[int], tokenizer: WhisperTokenizer, time_offset: float, window_frames: int,
-                   keep_tail: bool) -> tuple[list[RawSegment], int]:
-    """Segments of one window, and how many mel frames the window consumed.
+                   keep_tail: bool) -> tuple[list[RawSegment], int, bool]:
+    """Segments of one window, how many mel frames the window consumed, and whether it ended
+    on a single timestamp (all its text is closed).
 
     Consecutive timestamp tokens close one segment and open the next. Text after the last
     closed segment is where openai-whisper resumes the next window (the frames returned stop
@@ -57,7 +59,7 @@ def split_segments(tokens: list[int], tokenizer: WhisperTokenizer, time_offset: 
         timestamps = [t for t in tokens if t >= ts_begin]
         if timestamps and timestamps[-1] != ts_begin:
             duration = (timestamps[-1] - ts_begin) * SECONDS_PER_TOKEN
-        return [segment(time_offset, time_offset + duration, tokens)], window_frames
+        return [segment(time_offset, time_offset + duration, tokens)], window_frames, single_timestamp_ending
 
     slices = consecutive + ([len(tokens)] if single_timestamp_ending else [])
     out, last = [], 0
@@ -67,12 +69,12 @@ def split_segments(tokens: list[int], tokenizer: WhisperTokenizer, time_offset: 
                            time_offset + (toks[-1] - ts_begin) * SECONDS_PER_TOKEN, toks))
         last = current
     if single_timestamp_ending:
-        return out, window_frames
+        return out, window_frames, True
     last_ts = tokens[last - 1] - ts_begin
     tail = tokens[last:]
     if keep_tail and tokenizer.decode(tail).strip():
         ts = [t for t in tail if t >= ts_begin]
         end = (ts[-1] - ts_begin) * SECONDS_PER_TOKEN if ts and ts[-1] - ts_begin > last_ts else window_seconds
         out.append(segment(time_offset + last_ts * SECONDS_PER_TOKEN, time_offset + min(end, window_seconds), tail))
-        return out, window_frames
-    return out, last_ts * INPUT_STRIDE
+        return out, window_frames, False
+    return out, last_ts * INPUT_STRIDE, False

@@ -85,6 +85,10 @@ class WhisperTokenizer:
         """Text of the text tokens; special and timestamp tokens are left out."""
         return self._tok.decode([t for t in tokens if t < self.eot], skip_special_tokens=False)
 
+    def decode_raw(self, tokens: list[int]) -> str:
+        """Text of any tokens below the timestamps, special ones written out (<|endoftext|>)."""
+        return self._tok.decode([t for t in tokens if t < self.timestamp_begin], skip_special_tokens=False)
+
     def decode_with_timestamps(self, tokens: list[int]) -> str:
         out, text = [], []
         for t in tokens:
