@@ -141,21 +141,18 @@ def test_eight_concurrent_calls_equal_eight_in_turn(client):
         np.testing.assert_allclose([s.avg_logprob for s in a.segments], [s.avg_logprob for s in b.segments], atol=1e-3)
 
 
-def test_word_timestamps_pass_through(client, wav):
-    """WORD granularity: each segment's words with their times, or INVALID_ARGUMENT from a
-    server whose engine cannot time words."""
+def test_word_timestamps_are_returned_for_word_granularity(client, wav):
     cfg = config(timestamp_granularities=[pb.TIMESTAMP_GRANULARITY_SEGMENT, pb.TIMESTAMP_GRANULARITY_WORD])
-    try:
-        r = call(client, "translate", cfg, wav)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert violated_fields(e) == ["config.timestamp_granularities"]
-        return
+    r = call(client, "translate", cfg, wav)
     check_result(r, 3.0)
+    words = [w for s in r.segments for w in s.words]
+    assert words and all(w.word for w in words)
     for s in r.segments:
         for w in s.words:
-            assert seconds(s.start_offset) - 0.02 <= seconds(w.start_offset) <= seconds(w.end_offset)
+            assert s.seek / 100 <= seconds(w.start_offset) <= seconds(w.end_offset) <= 3.0 + 1e-6
             assert 0.0 <= w.probability <= 1.0
+    plain = call(client, "translate", config(), wav)
+    assert not any(s.words for s in plain.segments)
 
 
 def test_long_form_mode_defaults_to_the_servers(tiny_engine, wav, monkeypatch):

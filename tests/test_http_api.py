@@ -228,7 +228,7 @@ def test_sdk_word_timestamps(servers):
     r = servers.client().audio.transcriptions.create(
         file=("a.wav", WAV), model="whisper-1", response_format="verbose_json",
         timestamp_granularities=["word", "segment"], temperature=0.0, extra_body=FAST)
-    assert r.segments and r.words is not None
+    assert r.segments and r.words
     for w in r.words:
         assert isinstance(w.word, str) and w.end >= w.start >= 0
 
