@@ -15,7 +15,7 @@ from service.engine import Engine, TranscribeOptions
 def pair(request):
     """(our engine, openai-whisper model) on the same weights."""
     directory, hf = request.getfixturevalue(request.param)
-    engine = Engine.load(str(directory), max_batch=4)
+    engine = Engine.load(str(directory), max_batch=8)
     yield engine, openai_model(hf)[0]
     engine.close()
 
@@ -111,3 +111,38 @@ def test_word_timestamps_equal_openai_transcribe(pair):
             assert w.probability == pytest.approx(r["probability"], abs=1e-4)
         n_words += len(a.words)
     assert n_words >= 5
+
+
+BEAM_CASES = {
+    "translate-beam5": dict(task="translate", language="it", beam_size=5),
+    "transcribe-beam5": dict(task="transcribe", language="de", beam_size=5),
+    "translate-beam5-no-timestamps": dict(task="translate", language="fr", beam_size=5, without_timestamps=True),
+    "transcribe-beam5-no-timestamps": dict(task="transcribe", language="en", beam_size=5, without_timestamps=True),
+    "beam5-patience2": dict(task="translate", language="es", beam_size=5, patience=2.0),
+    "beam3-length-penalty": dict(task="transcribe", language="en", beam_size=3, length_penalty=0.6),
+}
+
+
+@pytest.mark.parametrize("case", BEAM_CASES)
+def test_beam_search_equals_openai_whisper(pair, case):
+    engine, om = pair
+    kw = dict(BEAM_CASES[case])
+    mel = window_mel(engine.dims.n_mels, seed=len(case) + 20)
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, temperature=0.0, **kw))
+    ours, _ = engine.decode(mel, TranscribeOptions(
+        task=kw["task"], language=kw["language"], temperatures=(0.0,), beam_size=kw["beam_size"],
+        patience=kw.get("patience"), length_penalty=kw.get("length_penalty"),
+        timestamps=not kw.get("without_timestamps", False)))
+    assert len(ref.tokens) > 0
+    assert ours.tokens == ref.tokens
+    assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
+    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+
+
+def test_beam_size_1_is_greedy(pair):
+    engine, om = pair
+    mel = window_mel(engine.dims.n_mels, seed=31)
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, language="en", beam_size=1))
+    beam1, _ = engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=1))
+    greedy, _ = engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,)))
+    assert beam1.tokens == greedy.tokens == ref.tokens

@@ -97,7 +97,8 @@ class Engine:
             for width in p.prefix_sizes:
                 prefixes = [[self.tokenizer.sot] * min(width, self.dims.n_text_ctx)] * size
                 slots, *_ = p.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0)
-        p.step(slots)
+        slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32))
+        p.step(slots, np.zeros(p.n_slots, np.int32), np.arange(p.n_slots))  # the reordering step of beam search
         features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
         log.info("warm-up compiled %d batch and %d prefix buckets in %.1f s", len(p.batch_sizes),
                  len(p.prefix_sizes), time.perf_counter() - t0)
@@ -115,13 +116,19 @@ class Engine:
         on_progress gets the seconds of audio done. Raises ValueError for bad options and
         concurrent.futures.CancelledError once `cancel` is set.
         """
-        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        self._validate(options)
         run = _Run(self, options, cancel, on_segment, on_progress)
         if isinstance(audio, np.ndarray):
             audio = [audio.astype(np.float32, copy=False).reshape(-1)]
         if options.mode == "sequential":
             return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in audio]))
         return run.batched(audio)
+
+    def _validate(self, options: TranscribeOptions) -> None:
+        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        rows = max(options.beam_size or 1, options.best_of or 1)
+        if rows > self.max_batch:
+            raise ValueError(f"beam_size and best_of must be at most the batch size {self.max_batch}, got {rows}")
 
     def detect_language(self, mel: np.ndarray) -> dict[str, float]:
         """Probability of each language, from one 30 s window of log-mel features."""
@@ -131,7 +138,7 @@ class Engine:
     def decode(self, mel: np.ndarray, options: TranscribeOptions = TranscribeOptions()) -> tuple[WindowResult, str]:
         """Decode one 30 s window of log-mel features [n_mels, 3000] once, at the first of
         `options.temperatures`, as openai-whisper's `decode()`. Returns (result, language)."""
-        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        self._validate(options)
         run = _Run(self, options, None, None, None)
         window = Window(np.asarray(mel, np.float32))
         run._detect(window)
@@ -181,8 +188,13 @@ class _Run:
         seed = o.seed & 0xFFFFFFFF
         key = (seed, (salt * 7919 + temperature_index * 104729 + (o.seed >> 32)) & 0xFFFFFFFF)
         self.prompt_tokens += len(prefix)
-        return DecodeJob(window, prefix, prefix.index(self.tok.sot), o.temperatures[temperature_index], o.timestamps,
-                         max_initial, o.repetition_penalty, key, self.sample_len, cancel=self.cancel)
+        temperature = o.temperatures[temperature_index]
+        # As openai-whisper: beam search when greedy, best-of when sampling.
+        beam_size = (o.beam_size or 1) if temperature == 0 else 1
+        best_of = (o.best_of or 1) if temperature > 0 else 1
+        return DecodeJob(window, prefix, prefix.index(self.tok.sot), temperature, o.timestamps, max_initial,
+                         o.repetition_penalty, key, self.sample_len, beam_size=beam_size, patience=o.patience or 1.0,
+                         best_of=best_of, length_penalty=o.length_penalty, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
         self.completion_tokens += len(out.tokens) + 1

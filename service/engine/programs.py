@@ -7,8 +7,12 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `encode`: mel windows -> audio features (batch buckets).
 - `detect_language`: audio features -> probabilities of the language tokens.
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
-  first token (and the no-speech probability, read at <|startoftranscript|>).
-- `step`: one token for every slot: the one compiled decode step.
+  choice of the first token (and the no-speech probability, read at <|startoftranscript|>).
+- `step`: feed every slot the token the host decided for it (optionally reordering rows first,
+  for beam search) and choose the next: the one compiled decode step.
+
+The programs propose tokens; the host decides (a sampled row takes its choice, beam search
+picks among each row's top candidates), and the next step feeds the decision in.
 - `align`: teacher-forced tokens of one window -> cross-attention scores of the alignment heads
   and token probabilities, for word timestamps.
 """
@@ -23,7 +27,15 @@ import numpy as np
 
 from . import model
 from .dims import ModelDimensions
-from .rules import RowOptions, RowState, Vocabulary, select_tokens
+from .rules import RowOptions, RowState, Vocabulary, choose_tokens, commit_tokens
+
+
+class Choice(NamedTuple):
+    """What a program proposes for each row: its pick and the top candidates."""
+    tokens: np.ndarray  # [rows] argmax, or a sample when the row's temperature is above 0
+    logprobs: np.ndarray  # [rows] of those tokens
+    top_logprobs: np.ndarray  # [rows, TOP_K], best first
+    top_tokens: np.ndarray  # [rows, TOP_K]
 
 
 class Slots(NamedTuple):
@@ -65,7 +77,7 @@ class Programs:
         self._encode = jax.jit(partial(model.encode, dims=dims))
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
-        self._step = jax.jit(self._step_impl, donate_argnums=(2,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder",))
         self.alignment_heads = list(alignment_heads)
         self._align = jax.jit(self._align_impl)
 
@@ -96,7 +108,7 @@ class Programs:
             n_sampled=jnp.zeros(k, jnp.int32),
             seen=seen,
         )
-        tokens, logprobs, state = select_tokens(logits[:, 1], state, options, self.vocab)
+        choice = choose_tokens(logits[:, 1], state, options, self.vocab)
 
         def put(big, small):
             return big.at[slot_ids].set(small, mode="drop")
@@ -108,18 +120,25 @@ class Programs:
             RowOptions(*(put(b, s) for b, s in zip(slots.options, options))),
             put(slots.position, length),
         )
-        return slots, tokens, logprobs, no_speech_prob
+        return slots, choice, no_speech_prob
 
-    def _step_impl(self, params, fixed, moving):
+    def _step_impl(self, params, fixed, moving, tokens, source, reorder: bool):
         """`fixed` (cross keys/values, options) is only read; `moving` (self-attention cache,
         row state, positions) is donated and updated in place. Passing the large cross cache
-        through as an output would make XLA copy it at every step."""
+        through as an output would make XLA copy it at every step. With `reorder`, row i first
+        takes the cache and state of row source[i] (beams of one window share its audio, so
+        the cross cache needs no reordering)."""
         (cross_k, cross_v, options), (self_k, self_v, state, position) = fixed, moving
+        if reorder:
+            take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
+            self_k, self_v = tuple(map(take, self_k)), tuple(map(take, self_v))
+            state, position = RowState(*map(take, state)), take(position)
+        state = commit_tokens(state, tokens, self.vocab)
         cache = model.KVCache(self_k, self_v, cross_k, cross_v)
-        logits, cache = model.decode(params, jnp.maximum(state.last_token, 0)[:, None], position, cache,
+        logits, cache = model.decode(params, tokens[:, None], position, cache,
                                      jnp.zeros((self.n_slots, 1), jnp.int32), self.dims)
-        next_tokens, logprobs, state = select_tokens(logits[:, 0], state, options, self.vocab)
-        return (cache.self_k, cache.self_v, state, position + 1), next_tokens, logprobs
+        choice = choose_tokens(logits[:, 0], state, options, self.vocab)
+        return (cache.self_k, cache.self_v, state, position + 1), choice
 
     def _align_impl(self, params, features, tokens):
         ck, cv = model.cross_kv(params, features, self.dims)
@@ -163,7 +182,7 @@ class Programs:
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
               slot_ids: list[int], options: RowOptions, no_speech: int):
-        """Returns (slots, first tokens, their logprobs, no-speech probabilities) for the k rows."""
+        """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)
@@ -177,9 +196,9 @@ class Programs:
         ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
         ids[:k] = slot_ids
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
-        slots, tokens, logprobs, no_speech_prob = self._admit(
+        slots, choice, no_speech_prob = self._admit(
             self.params, slots, self._pad_rows(features, size), prefix, length, sot, ids, options, jnp.int32(no_speech))
-        return slots, np.asarray(tokens)[:k], np.asarray(logprobs)[:k], np.asarray(no_speech_prob)[:k]
+        return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
@@ -191,13 +210,17 @@ class Programs:
         scores, probs = self._align(self.params, features[None], padded)
         return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
-    def step(self, slots: Slots) -> tuple[Slots, np.ndarray, np.ndarray]:
+    def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None) -> tuple[Slots, "Choice"]:
+        """Feed `tokens` [slots] (after taking row source[i] into row i, when given)."""
         c = slots.cache
         fixed = (c.cross_k, c.cross_v, slots.options)
         moving = (c.self_k, c.self_v, slots.state, slots.position)
-        (self_k, self_v, state, position), tokens, logprobs = self._step(self.params, fixed, moving)
+        reorder = source is not None
+        src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
+        (self_k, self_v, state, position), choice = self._step(self.params, fixed, moving, np.asarray(tokens, np.int32),
+                                                               src, reorder=reorder)
         slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
-        return slots, np.asarray(tokens), np.asarray(logprobs)
+        return slots, Choice(*(np.asarray(x) for x in choice))
 
     @staticmethod
     def _pad_rows(x: jax.Array, size: int) -> jax.Array:

@@ -25,6 +25,10 @@ class TranscribeOptions:
     no_speech_threshold: float | None = 0.6
     max_initial_timestamp: float | None = 1.0  # seconds; the first timestamp is at most this
     word_timestamps: bool = False  # a start and end time for every word
+    beam_size: int | None = None  # beam search at temperature 0 (None = greedy); 1..10
+    best_of: int | None = None  # candidates sampled at temperatures above 0, the best kept; 1..10
+    patience: float | None = None  # beam search: stop once beam_size * patience hypotheses ended (default 1)
+    length_penalty: float | None = None  # ranking: None divides the log-probability by the length, else by ((5 + length) / 6) ** alpha
 
     def validate(self, languages: dict[str, int] | None = None) -> None:
         """Raises ValueError naming the field, what it was and what is accepted."""
@@ -41,6 +45,21 @@ class TranscribeOptions:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 448:
             raise ValueError(f"max_new_tokens must be in [1, 448], got {self.max_new_tokens}")
+        for name in ("beam_size", "best_of"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 10:
+                raise ValueError(f"{name} must be in [1, 10], got {value}")
+        if self.patience is not None and not 0.0 < self.patience <= 10.0:
+            raise ValueError(f"patience must be in (0, 10], got {self.patience}")
+        if self.patience is not None and self.beam_size is None:
+            raise ValueError("patience needs beam_size")
+        if self.length_penalty is not None and not 0.0 <= self.length_penalty <= 1.0:
+            raise ValueError(f"length_penalty must be in [0, 1], got {self.length_penalty}")
+        for name, lo, hi in (("compression_ratio_threshold", 0.0, 100.0), ("logprob_threshold", -100.0, 0.0),
+                             ("no_speech_threshold", 0.0, 1.0)):
+            value = getattr(self, name)
+            if value is not None and not lo <= value <= hi:
+                raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
         if languages is not None and self.language is not None and self.language not in languages:
             raise ValueError(f"language {self.language!r} is not one this model knows; accepted: {', '.join(languages)}")
 

@@ -104,21 +104,31 @@ def apply_rules(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Voc
     return apply_timestamp_rules(logits, state, opts, vocab)
 
 
-def select_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary) -> tuple[jax.Array, jax.Array, RowState]:
-    """Apply the rules, pick each row's next token (argmax, or a seeded sample when its
-    temperature is above 0) and advance the row state. Returns (tokens, logprobs, state)."""
+TOP_K = 11  # candidates handed out per row: enough for beam search of up to 10 beams
+
+
+def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary):
+    """Apply the rules and pick each row's next token: argmax, or a seeded sample when its
+    temperature is above 0. Returns (tokens, their logprobs, top-k logprobs, top-k tokens);
+    the top k are what beam search chooses from."""
     logits = apply_rules(logits, state, opts, vocab)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
     keys = jax.vmap(jax.random.fold_in)(opts.key, state.n_sampled)
     temperature = jnp.maximum(opts.temperature, 1e-6)[:, None]
     sampled = jax.vmap(jax.random.categorical)(keys, logits / temperature)
     tokens = jnp.where(opts.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_tokens = jax.lax.top_k(logprobs, TOP_K)
+    return tokens, chosen, top_logprobs, top_tokens.astype(jnp.int32)
+
+
+def commit_tokens(state: RowState, tokens: jax.Array, vocab: Vocabulary) -> RowState:
+    """The row state once `tokens` (one per row) are appended to the sequences."""
     rows = jnp.arange(tokens.shape[0])
-    state = RowState(
+    return RowState(
         last_token=tokens,
         prev_token=jnp.where(state.n_sampled >= 1, state.last_token, -1),
         last_timestamp=jnp.where(tokens >= vocab.timestamp_begin, tokens, state.last_timestamp),
         n_sampled=state.n_sampled + 1,
         seen=state.seen.at[rows, tokens].set(True),
     )
-    return tokens, logprobs, state

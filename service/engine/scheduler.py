@@ -53,9 +53,17 @@ class DecodeJob:
     repetition_penalty: float = 1.0
     key: tuple[int, int] = (0, 0)  # sampling key
     sample_len: int = 224
-    on_token: Callable[[int], None] | None = None
+    beam_size: int = 1  # > 1: beam search over this many rows (at temperature 0)
+    patience: float = 1.0  # beam search stops once beam_size * patience hypotheses have finished
+    best_of: int = 1  # > 1: sample this many rows independently and keep the best
+    length_penalty: float | None = None  # ranking: None = divide by length, else ((5 + length) / 6) ** alpha
+    on_token: Callable[[int], None] | None = None  # each token as it comes (single-row jobs only)
     cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return max(self.beam_size, self.best_of, 1)
 
 
 @dataclass
@@ -65,18 +73,32 @@ class DecodeOutput:
     no_speech_prob: float
 
 
-@dataclass(eq=False)
-class _Row:
-    job: DecodeJob
-    no_speech_prob: float
-    tokens: list[int] = field(default_factory=list)
+@dataclass
+class _Sequence:
+    tokens: list[int] = field(default_factory=list)  # sampled so far, end-of-text excluded
     sum_logprob: float = 0.0
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """The batch rows that decode one job: one, best_of samples, or beam_size beams."""
+    job: DecodeJob
+    slots: list[int]
+    no_speech_prob: float
+    sequences: list[_Sequence]  # one per slot, in slot order
+    finished: dict[tuple[int, ...], float] = field(default_factory=dict)  # beam search's ended hypotheses
 
 
 @dataclass(eq=False)
 class _Detection:
     window: Window
     future: Future = field(default_factory=Future)
+
+
+def _row_key(key: tuple[int, int], row: int) -> tuple[int, int]:
+    """The sampling key of one row of a job: best-of rows draw different samples."""
+    return key[0], (key[1] + 0x9E3779B9 * row) & 0xFFFFFFFF
 
 
 class DecodeScheduler:
@@ -88,7 +110,9 @@ class DecodeScheduler:
         self._detections: deque[_Detection] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._rows: list[_Row | None] = [None] * programs.n_slots
+        self._groups: list[_Group | None] = [None] * programs.n_slots  # the group each slot serves
+        self._feed = np.zeros(programs.n_slots, np.int32)  # the token each slot is fed next
+        self._source = np.arange(programs.n_slots, dtype=np.int32)  # the row each slot takes (beams)
         self._slots: Slots | None = None
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
         self._thread.start()
@@ -96,6 +120,9 @@ class DecodeScheduler:
     # ---- callers -------------------------------------------------------------------------
 
     def submit(self, job: DecodeJob) -> Future:
+        if not 1 <= job.rows <= self.programs.n_slots:
+            raise ValueError(f"beam_size and best_of must be in [1, {self.programs.n_slots}] (the batch size), "
+                             f"got {job.rows}")
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
@@ -154,17 +181,18 @@ class DecodeScheduler:
                 self._slots = None
 
     def _active(self) -> bool:
-        return any(r is not None for r in self._rows)
+        return any(g is not None for g in self._groups)
 
     def _take_jobs(self) -> list[DecodeJob]:
-        free = sum(r is None for r in self._rows)
+        free = sum(g is None for g in self._groups)
         taken: list[DecodeJob] = []
-        while self._jobs and len(taken) < free:
+        while self._jobs and self._jobs[0].rows <= free:  # in order: a wide job is not overtaken
             job = self._jobs.popleft()
             if job.cancel is not None and job.cancel.is_set():
                 job.future.set_exception(CancelledError())
             elif job.future.set_running_or_notify_cancel():
                 taken.append(job)
+                free -= job.rows
         return taken
 
     def _encode(self, windows: list[Window]) -> None:
@@ -187,52 +215,129 @@ class DecodeScheduler:
         if self._slots is None:
             self._slots = self.programs.empty_slots()
         self._encode([j.window for j in jobs])
-        free = [i for i, r in enumerate(self._rows) if r is None]
+        free = iter([i for i, g in enumerate(self._groups) if g is None])
+        groups = [_Group(j, [next(free) for _ in range(j.rows)], float("nan"), [_Sequence() for _ in range(j.rows)])
+                  for j in jobs]
+        rows = [(g, r) for g in groups for r in range(len(g.slots))]
         options = RowOptions(
-            np.array([j.temperature for j in jobs], np.float32),
-            np.array([j.timestamps for j in jobs], bool),
-            np.array([j.max_initial_timestamp for j in jobs], np.int32),
-            np.array([j.repetition_penalty for j in jobs], np.float32),
-            np.array([j.key for j in jobs], np.uint32),
+            np.array([g.job.temperature for g, _ in rows], np.float32),
+            np.array([g.job.timestamps for g, _ in rows], bool),
+            np.array([g.job.max_initial_timestamp for g, _ in rows], np.int32),
+            np.array([g.job.repetition_penalty for g, _ in rows], np.float32),
+            np.array([_row_key(g.job.key, r) for g, r in rows], np.uint32),
         )
-        self._slots, tokens, logprobs, no_speech = self.programs.admit(
-            self._slots, jnp.stack([j.window.features for j in jobs]), [j.prefix for j in jobs],
-            [j.sot_index for j in jobs], free[: len(jobs)], options, self.tokenizer.no_speech or 0)
-        for slot, job, token, logprob, ns in zip(free, jobs, tokens, logprobs, no_speech):
-            self._rows[slot] = _Row(job, float(ns) if self.tokenizer.no_speech is not None else float("nan"))
-            self._accept(slot, int(token), float(logprob))
+        self._slots, choice, no_speech = self.programs.admit(
+            self._slots, jnp.stack([g.job.window.features for g, _ in rows]), [g.job.prefix for g, _ in rows],
+            [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0)
+        by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
+        for g in groups:
+            if self.tokenizer.no_speech is not None:
+                g.no_speech_prob = float(no_speech[by_slot[g.slots[0]]])
+            for slot in g.slots:
+                self._groups[slot] = g
+        self._decide(groups, choice, by_slot)
 
     def _step(self) -> None:
-        self._slots, tokens, logprobs = self.programs.step(self._slots)
-        for slot, row in enumerate(self._rows):
-            if row is not None:
-                self._accept(slot, int(tokens[slot]), float(logprobs[slot]))
+        reorder = bool((self._source != np.arange(len(self._source))).any())
+        self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None)
+        self._source = np.arange(len(self._source), dtype=np.int32)
+        groups = list({id(g): g for g in self._groups if g is not None}.values())
+        self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
 
-    def _accept(self, slot: int, token: int, logprob: float) -> None:
-        row = self._rows[slot]
-        job = row.job
-        if job.cancel is not None and job.cancel.is_set():
-            self._rows[slot] = None
-            job.future.set_exception(CancelledError())
+    def _decide(self, groups: list[_Group], choice, row_of: dict[int, int]) -> None:
+        """Turn the programs' proposals into each group's next tokens, and end finished groups."""
+        for g in groups:
+            job = g.job
+            if job.cancel is not None and job.cancel.is_set():
+                self._release(g)
+                job.future.set_exception(CancelledError())
+            elif job.beam_size > 1:
+                self._beam_update(g, choice, row_of)
+            else:
+                for slot, seq in zip(g.slots, g.sequences):
+                    if not seq.done:
+                        row = row_of[slot]
+                        self._extend(g, slot, seq, int(choice.tokens[row]), float(choice.logprobs[row]))
+                if all(seq.done for seq in g.sequences):
+                    self._release(g)
+                    best = self._rank(job, [(tuple(s.tokens), s.sum_logprob) for s in g.sequences])
+                    job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob))
+
+    def _at_limit(self, job: DecodeJob, sampled: int) -> bool:
+        # As openai-whisper: at most sample_len tokens, and never past the text context.
+        return sampled >= job.sample_len or len(job.prefix) + sampled > self.programs.dims.n_text_ctx
+
+    def _extend(self, g: _Group, slot: int, seq: _Sequence, token: int, logprob: float) -> None:
+        seq.sum_logprob += logprob
+        if token == self.tokenizer.eot:
+            seq.done = True
             return
-        row.sum_logprob += logprob
-        done = token == self.tokenizer.eot
-        if not done:
-            row.tokens.append(token)
-            if job.on_token is not None:
-                job.on_token(token)
-            sampled = len(row.tokens)
-            # As openai-whisper: at most sample_len tokens, and never past the text context.
-            done = sampled >= job.sample_len or len(job.prefix) + sampled > self.programs.dims.n_text_ctx
-        if done:
-            self._rows[slot] = None
-            job.future.set_result(DecodeOutput(row.tokens, row.sum_logprob, row.no_speech_prob))
+        seq.tokens.append(token)
+        if g.job.on_token is not None and len(g.slots) == 1:
+            g.job.on_token(token)
+        seq.done = self._at_limit(g.job, len(seq.tokens))
+        self._feed[slot] = token
+
+    def _beam_update(self, g: _Group, choice, row_of: dict[int, int]) -> None:
+        """openai-whisper's BeamSearchDecoder.update: every beam offers its beam_size + 1 best
+        continuations; the best beam_size that do not end become the new beams, those that end
+        are kept as finished hypotheses."""
+        job, eot = g.job, self.tokenizer.eot
+        scores: dict[tuple[int, ...], float] = {}
+        sources: dict[tuple[int, ...], int] = {}
+        for j, (slot, seq) in enumerate(zip(g.slots, g.sequences)):
+            row = row_of[slot]
+            for logprob, token in zip(choice.top_logprobs[row][: job.beam_size + 1], choice.top_tokens[row]):
+                candidate = (*seq.tokens, int(token))
+                scores[candidate] = seq.sum_logprob + float(logprob)
+                sources[candidate] = j
+        beams, newly_finished = [], {}
+        for candidate in sorted(scores, key=scores.get, reverse=True):
+            if candidate[-1] == eot:
+                newly_finished[candidate] = scores[candidate]
+            else:
+                beams.append(candidate)
+                if len(beams) == job.beam_size:
+                    break
+        max_candidates = round(job.beam_size * job.patience)
+        for candidate in sorted(newly_finished, key=newly_finished.get, reverse=True):
+            if len(g.finished) >= max_candidates:
+                break
+            g.finished[candidate[:-1]] = newly_finished[candidate]
+        for slot, candidate in zip(g.slots, beams):
+            self._source[slot] = g.slots[sources[candidate]]
+            self._feed[slot] = candidate[-1]
+        g.sequences = [_Sequence(list(c), scores[c]) for c in beams]
+        if len(g.finished) >= max_candidates or self._at_limit(job, len(beams[0])):
+            self._release(g)
+            finished = dict(g.finished)
+            if len(finished) < job.beam_size:  # not enough ended: the best live beams count as ended
+                for seq in sorted(g.sequences, key=lambda s: s.sum_logprob, reverse=True):
+                    finished.setdefault(tuple(seq.tokens), seq.sum_logprob)
+                    if len(finished) >= job.beam_size:
+                        break
+            best = self._rank(job, list(finished.items()))
+            job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob))
+
+    @staticmethod
+    def _rank(job: DecodeJob, hypotheses: list[tuple[tuple[int, ...], float]]) -> tuple[tuple[int, ...], float]:
+        """openai-whisper's MaximumLikelihoodRanker: sum logprob over a length penalty."""
+        def score(h: tuple[tuple[int, ...], float]) -> float:
+            length = len(h[0])
+            penalty = length if job.length_penalty is None else ((5 + length) / 6) ** job.length_penalty
+            return h[1] / penalty if penalty else h[1]
+        return max(hypotheses, key=score) if len(hypotheses) > 1 else hypotheses[0]
+
+    def _release(self, g: _Group) -> None:
+        for slot in g.slots:
+            self._groups[slot] = None
+            self._source[slot] = slot
 
     def _fail_rows(self, error: Exception, extra: list[DecodeJob]) -> None:
-        for slot, row in enumerate(self._rows):
-            if row is not None and not row.job.future.done():
-                row.job.future.set_exception(error)
-            self._rows[slot] = None
+        for g in {id(g): g for g in self._groups if g is not None}.values():
+            if not g.job.future.done():
+                g.job.future.set_exception(error)
+            self._release(g)
         for job in extra:
             if not job.future.done():
                 job.future.set_exception(error)
