@@ -74,7 +74,7 @@ class TranscribeResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("model", "language", "prompt", "temperature", "seed", "repetition_penalty", "max_new_tokens", "long_form_mode", "timestamp_granularities", "stream_deltas", "encoding", "sample_rate_hertz", "channels")
+    __slots__ = ("model", "language", "prompt", "temperature", "seed", "repetition_penalty", "max_new_tokens", "long_form_mode", "timestamp_granularities", "stream_deltas", "encoding", "sample_rate_hertz", "channels", "beam_size", "best_of", "patience", "length_penalty", "temperature_fallback", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,14 @@ class Config(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BEST_OF_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_RATIO_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NO_SPEECH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     language: str
     prompt: str
@@ -101,7 +109,15 @@ class Config(_message.Message):
     encoding: AudioEncoding
     sample_rate_hertz: int
     channels: int
-    def __init__(self, model: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., long_form_mode: _Optional[_Union[LongFormMode, str]] = ..., timestamp_granularities: _Optional[_Iterable[_Union[TimestampGranularity, str]]] = ..., stream_deltas: _Optional[bool] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+    beam_size: int
+    best_of: int
+    patience: float
+    length_penalty: float
+    temperature_fallback: bool
+    compression_ratio_threshold: float
+    logprob_threshold: float
+    no_speech_threshold: float
+    def __init__(self, model: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., long_form_mode: _Optional[_Union[LongFormMode, str]] = ..., timestamp_granularities: _Optional[_Iterable[_Union[TimestampGranularity, str]]] = ..., stream_deltas: _Optional[bool] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., beam_size: _Optional[int] = ..., best_of: _Optional[int] = ..., patience: _Optional[float] = ..., length_penalty: _Optional[float] = ..., temperature_fallback: _Optional[bool] = ..., compression_ratio_threshold: _Optional[float] = ..., logprob_threshold: _Optional[float] = ..., no_speech_threshold: _Optional[float] = ...) -> None: ...
 
 class Delta(_message.Message):
     __slots__ = ("text",)
