@@ -41,6 +41,22 @@ def add_file_arguments(p: argparse.ArgumentParser) -> None:
                    help="long-form: batched (all 30 s windows at once) or sequential (openai-whisper's loop)")
     p.add_argument("--max-new-tokens", type=int, help="tokens per 30 s window (default 224)")
     p.add_argument("--without-timestamps", action="store_true", help="one segment per window, no timestamps")
+    p.add_argument("--word-timestamps", action="store_true", help="a start and end time for every word")
+    p.add_argument("--beam-size", type=int, help="beam search with this many beams (1..10) when decoding at temperature 0")
+    p.add_argument("--best-of", type=int, help="at temperatures above 0, sample this many (1..10) and keep the best")
+    p.add_argument("--patience", type=float, help="beam search: stop once beam size x patience hypotheses ended (default 1)")
+    p.add_argument("--length-penalty", type=float,
+                   help="rank hypotheses by log-probability / ((5 + length) / 6) ** alpha, alpha in [0, 1] "
+                        "(default: divide by the length)")
+    p.add_argument("--no-temperature-fallback", action="store_true",
+                   help="decode at exactly --temperature, once, instead of stepping up by 0.2 to 1.0 on failure")
+    p.add_argument("--compression-ratio-threshold", type=float, default=2.4,
+                   help="a window whose text compresses more than this is decoded again hotter (default %(default)s)")
+    p.add_argument("--logprob-threshold", type=float, default=-1.0,
+                   help="a window whose average log-probability is below this is decoded again hotter (default %(default)s)")
+    p.add_argument("--no-speech-threshold", type=float, default=0.6,
+                   help="a window with a no-speech probability above this and a low log-probability is silence "
+                        "(default %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
 
 
@@ -50,19 +66,24 @@ def options_from_args(args: argparse.Namespace, task: str) -> TranscribeOptions:
         language = language_code(args.language)
         if language is None:
             raise ValueError(f"unknown language {args.language!r}; give a code such as 'it' or a name such as 'Italian'")
-    temperatures = DEFAULT_TEMPERATURES
-    if args.temperature is not None:
-        temperatures = tuple(t for t in DEFAULT_TEMPERATURES if t > args.temperature)
-        temperatures = (args.temperature,) + temperatures
+    start = args.temperature if args.temperature is not None else 0.0
+    if args.no_temperature_fallback:
+        temperatures = (start,)
+    else:
+        temperatures = (start,) + tuple(t for t in DEFAULT_TEMPERATURES if t > start)
     return TranscribeOptions(task=task, language=language, prompt=args.prompt, temperatures=temperatures,
                              seed=args.seed, repetition_penalty=args.repetition_penalty,
                              max_new_tokens=args.max_new_tokens, timestamps=not args.without_timestamps,
-                             mode=args.mode)
+                             mode=args.mode, word_timestamps=args.word_timestamps, beam_size=args.beam_size,
+                             best_of=args.best_of, patience=args.patience, length_penalty=args.length_penalty,
+                             compression_ratio_threshold=args.compression_ratio_threshold,
+                             logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold)
 
 
 def run_files(args: argparse.Namespace, task: str) -> int:
     try:
         options = options_from_args(args, task)
+        options.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

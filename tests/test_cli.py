@@ -78,3 +78,15 @@ def test_unknown_language_and_missing_model_are_clear_errors(tiny_model, files):
     assert r.returncode == 2 and "unknown language 'klingon'" in r.stderr
     r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_decoding_controls_reach_the_engine(tiny_model, files):
+    r = run_cli("transcribe", str(files["wav"]), "--model", str(tiny_model[0]), "--json", "--language", "en",
+                "--beam-size", "3", "--no-temperature-fallback", "--word-timestamps")
+    assert r.returncode == 0, r.stderr
+    x = json.loads(r.stdout)
+    assert {s["temperature"] for s in x["segments"]} == {0.0}  # random weights would fail over without the switch
+    assert any(s["words"] for s in x["segments"])
+    assert all({"word", "start", "end", "probability"} <= set(w) for s in x["segments"] for w in s["words"])
+    r = run_cli("transcribe", str(files["wav"]), "--model", str(tiny_model[0]), "--beam-size", "11")
+    assert r.returncode == 2 and "beam_size must be in [1, 10], got 11" in r.stderr

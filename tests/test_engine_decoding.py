@@ -152,3 +152,25 @@ def test_batched_word_timestamps_are_timed_within_their_window(tiny_engine):
             assert window_start - 1e-6 <= w.start <= w.end <= min(window_start + 30.0, 50.0) + 1e-6
             assert 0.0 <= w.probability <= 1.0
         assert [w.start for w in s.words] == sorted(w.start for w in s.words)
+
+
+def test_best_of_sampling_is_reproducible_and_keeps_the_likeliest(tiny_engine):
+    m = mel(tiny_engine, 4)
+    opts = TranscribeOptions(language="en", temperatures=(0.8,), best_of=4, seed=5, timestamps=False)
+    a, _ = tiny_engine.decode(m, opts)
+    b, _ = tiny_engine.decode(m, opts)
+    assert a.tokens == b.tokens
+    # The first of the best-of rows draws what a single sample with the same seed draws.
+    single, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.8,), seed=5, timestamps=False))
+
+    def rank_score(r):  # openai-whisper's ranking: sum of log-probabilities over the length
+        return r.avg_logprob * (len(r.tokens) + 1) / len(r.tokens)
+
+    assert rank_score(a) >= rank_score(single) - 1e-6
+
+
+def test_beam_search_in_long_form_gives_ordered_segments(tiny_engine):
+    result = tiny_engine.transcribe(speechlike(40.0, seed=9), TranscribeOptions(language="en", temperatures=(0.0,),
+                                                                                 beam_size=4))
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and len({s.seek for s in result.segments}) >= 2
