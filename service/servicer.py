@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,7 +43,12 @@ MODES = {pb.LONG_FORM_MODE_BATCHED: "batched", pb.LONG_FORM_MODE_SEQUENTIAL: "se
 OPTION_FIELDS = {"temperature": "config.temperature", "temperatures": "config.temperature",
                  "repetition_penalty": "config.repetition_penalty", "max_new_tokens": "config.max_new_tokens",
                  "language": "config.language", "mode": "config.long_form_mode",
-                 "word_timestamps": "config.timestamp_granularities", "prompt": "config.prompt"}
+                 "word_timestamps": "config.timestamp_granularities", "prompt": "config.prompt",
+                 "beam_size": "config.beam_size", "best_of": "config.best_of", "patience": "config.patience",
+                 "length_penalty": "config.length_penalty",
+                 "compression_ratio_threshold": "config.compression_ratio_threshold",
+                 "logprob_threshold": "config.logprob_threshold", "no_speech_threshold": "config.no_speech_threshold"}
+THRESHOLDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
@@ -191,12 +197,27 @@ class _Call:
             if language is None:
                 raise invalid_argument("config.language", f"unknown language {c.language!r}; give a code such as 'it' "
                                        "or an English name such as 'Italian'")
-        temperatures = DEFAULT_TEMPERATURES
-        if c.HasField("temperature"):
-            t = c.temperature
-            if not 0.0 <= t <= 1.0:  # NaN fails too
-                raise invalid_argument("config.temperature", f"temperature must be in [0, 1], got {t:g}")
+        t = _decimal(c.temperature) if c.HasField("temperature") else 0.0
+        if not 0.0 <= t <= 1.0:  # NaN fails too
+            raise invalid_argument("config.temperature", f"temperature must be in [0, 1], got {t:g}")
+        if c.HasField("temperature_fallback") and not c.temperature_fallback:
+            temperatures = (t,)
+        else:
             temperatures = (t,) + tuple(x for x in DEFAULT_TEMPERATURES if x > t)
+        search = {}  # beam search and best-of; unset fields keep TranscribeOptions' defaults
+        for name in ("beam_size", "best_of"):
+            if c.HasField(name):
+                n = search[name] = getattr(c, name)
+                if self.engine.max_batch < n <= 10:  # beyond 10, validate() names the range
+                    raise invalid_argument(f"config.{name}", f"{name} must be at most the server's batch size "
+                                           f"{self.engine.max_batch}, got {n}")
+        for name in ("patience", "length_penalty"):
+            if c.HasField(name):
+                search[name] = _decimal(getattr(c, name))  # NaN fails validate()'s range check
+        for name in THRESHOLDS:
+            if c.HasField(name):
+                value = getattr(c, name)
+                search[name] = None if math.isnan(value) else _decimal(value)  # NaN: the check is off
         mode = MODES.get(c.long_form_mode, self.config.default_mode)
         if c.long_form_mode not in MODES and c.long_form_mode != pb.LONG_FORM_MODE_UNSPECIFIED:
             raise invalid_argument("config.long_form_mode", f"unknown long-form mode {c.long_form_mode}")
@@ -210,7 +231,7 @@ class _Call:
                 task=self.task, language=language, prompt=c.prompt or None, temperatures=temperatures, seed=c.seed,
                 repetition_penalty=c.repetition_penalty if c.HasField("repetition_penalty") else 1.0,
                 max_new_tokens=c.max_new_tokens if c.HasField("max_new_tokens") else None,
-                timestamps=True, mode=mode, word_timestamps=words)
+                timestamps=True, mode=mode, word_timestamps=words, **search)
             options.validate(self.engine.languages if self.engine.tokenizer.is_multilingual else None)
         except ValueError as e:
             raise invalid_argument(_option_field(str(e)), str(e)) from None
@@ -310,6 +331,11 @@ class _Call:
             return invalid_argument(_option_field(str(e)), str(e))
         log.error("%s failed", self.task, exc_info=e)
         return errors.internal(f"{type(e).__name__}: {e}")
+
+
+def _decimal(x: float) -> float:
+    """A float of the request (32 bits) as the shortest decimal that is that float: 0.2, not 0.20000000298."""
+    return float(str(np.float32(x)))
 
 
 def _option_field(message: str) -> str:

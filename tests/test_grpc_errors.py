@@ -76,6 +76,30 @@ def test_option_out_of_range(server, wav, field, value):
     invalid(fails(stub(server.port), requests("translate", config(**{field: value}), wav)), f"config.{field}")
 
 
+@pytest.mark.parametrize("options,field", [
+    (dict(beam_size=0), "beam_size"), (dict(beam_size=11), "beam_size"), (dict(best_of=0), "best_of"),
+    (dict(best_of=11), "best_of"), (dict(patience=1.0), "patience"), (dict(beam_size=2, patience=0.0), "patience"),
+    (dict(beam_size=2, patience=11.0), "patience"), (dict(beam_size=2, patience=float("nan")), "patience"),
+    (dict(length_penalty=2.0), "length_penalty"), (dict(length_penalty=-0.5), "length_penalty"),
+    (dict(compression_ratio_threshold=-1.0), "compression_ratio_threshold"),
+    (dict(compression_ratio_threshold=float("inf")), "compression_ratio_threshold"),
+    (dict(logprob_threshold=0.5), "logprob_threshold"), (dict(logprob_threshold=-101.0), "logprob_threshold"),
+    (dict(no_speech_threshold=1.5), "no_speech_threshold"),
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+def test_decoding_option_out_of_range(server, wav, options, field):
+    description = invalid(fails(stub(server.port), requests("transcribe", config(**options), wav), "transcribe"),
+                          f"config.{field}")
+    assert field in description
+
+
+@pytest.mark.parametrize("field", ["beam_size", "best_of"])
+def test_more_candidates_than_the_batch(server, wav, tiny_engine, field):
+    n = tiny_engine.max_batch + 1
+    assert n <= 10, "the batch of the test engine is below the range of the field"
+    description = invalid(fails(stub(server.port), requests("translate", config(**{field: n}), wav)), f"config.{field}")
+    assert str(tiny_engine.max_batch) in description
+
+
 def test_unknown_model(server, wav):
     description = invalid(fails(stub(server.port), requests("translate", config(model="whisper-2"), wav)),
                           "config.model")
