@@ -316,9 +316,15 @@ class Upload:
     def _request(self) -> Request:
         p = self.params
         model = self.state.catalog.resolve(p.model)
+        beam_size, beam_field = p.beam()
         return Request(task=p.task, model=model, language=p.language, prompt=p.prompt, temperature=p.temperature,
                        seed=p.seed, repetition_penalty=p.repetition_penalty, max_new_tokens=p.max_completion_tokens,
-                       word_timestamps=p.word_timestamps, stream_deltas=p.stream)
+                       word_timestamps=p.word_timestamps, stream_deltas=p.stream, beam_size=beam_size,
+                       best_of=p.best_of, patience=p.patience, length_penalty=p.length_penalty,
+                       temperature_fallback=p.temperature_fallback,
+                       compression_ratio_threshold=p.compression_ratio_threshold,
+                       logprob_threshold=p.logprob_threshold, no_speech_threshold=p.no_speech_threshold,
+                       beam_field=beam_field)
 
     def _start(self, wanted: Request | None = None) -> tuple[Call, Request]:
         wanted = wanted or self._request()

@@ -32,6 +32,15 @@ class Request:
     max_new_tokens: int | None = None
     word_timestamps: bool = False
     stream_deltas: bool = False
+    beam_size: int | None = None  # None: greedy
+    best_of: int | None = None
+    patience: float | None = None
+    length_penalty: float | None = None
+    temperature_fallback: bool | None = None  # None: on
+    compression_ratio_threshold: float | None = None  # None: the service's default; NaN: off
+    logprob_threshold: float | None = None
+    no_speech_threshold: float | None = None
+    beam_field: str = "beam_size"  # the form field that set beam_size (beam_size, n or use_beam_search)
 
 
 @dataclass

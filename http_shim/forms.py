@@ -27,8 +27,11 @@ MAX_PARTS = 200
 
 # OpenAI fields that exist for other models and have no meaning here: accepted, logged, ignored.
 IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]",
-           "stream_continuous_usage_stats", "user", "n", "top_p", "top_k", "min_p", "frequency_penalty",
-           "presence_penalty", "length_penalty", "use_beam_search", "vllm_xargs"}
+           "stream_continuous_usage_stats", "user", "top_p", "top_k", "min_p", "frequency_penalty",
+           "presence_penalty", "vllm_xargs"}
+DEFAULT_BEAM_WIDTH = 5  # use_beam_search=true without n or beam_size: openai-whisper's CLI default
+MAX_CANDIDATES = 10  # beam_size, best_of and n (as the beam width) are at most this
+OFF = ("none", "null", "off")  # a threshold given as one of these is turned off
 
 
 @dataclass
@@ -48,11 +51,41 @@ class Params:
     repetition_penalty: float | None = None
     max_completion_tokens: int | None = None
     to_language: str | None = None
+    beam_size: int | None = None
+    best_of: int | None = None
+    patience: float | None = None
+    length_penalty: float | None = None
+    temperature_fallback: bool | None = None  # None: on
+    compression_ratio_threshold: float | None = None  # None: the service's default; NaN: off
+    logprob_threshold: float | None = None
+    no_speech_threshold: float | None = None
+    use_beam_search: bool | None = None  # vLLM's switch: beam search, n (else 5) beams wide
+    n: int | None = None  # vLLM's beam width with use_beam_search; ignored without it
     seen: set[str] = field(default_factory=set)  # fields given, by their canonical name
 
     @property
     def word_timestamps(self) -> bool:
         return self.response_format == "verbose_json" and "word" in self.timestamp_granularities
+
+    def beam(self) -> tuple[int | None, str]:
+        """The beam width asked for (None: greedy) and the form field that set it, from beam_size, or
+        from vLLM's use_beam_search and n. Raises APIError (400) when they contradict each other."""
+        if not self.use_beam_search:
+            if self.beam_size is not None and self.use_beam_search is False:
+                raise bad_request(f"use_beam_search=false contradicts beam_size={self.beam_size}; give one of them",
+                                  "use_beam_search")
+            return self.beam_size, "beam_size"
+        if self.n is not None and not 1 <= self.n <= MAX_CANDIDATES:
+            raise bad_request(f"Invalid 'n': {self.n} is not in [1, {MAX_CANDIDATES}] (the beam width with "
+                              "use_beam_search)", "n")
+        if self.beam_size is not None:
+            if self.n is not None and self.n != self.beam_size:
+                raise bad_request(f"n={self.n} and beam_size={self.beam_size} disagree on the beam width; give one "
+                                  "of them", "n")
+            return self.beam_size, "beam_size"
+        if self.n is not None:
+            return self.n, "n"
+        return DEFAULT_BEAM_WIDTH, "use_beam_search"
 
     def set_field(self, name: str, value: str) -> bool:
         """Apply one text field. Returns False for a field that is not ours (logged and ignored);
@@ -82,6 +115,9 @@ class Params:
         if self.stream and self.response_format not in ("json", "text"):
             # As vLLM does: a stream is text deltas whatever format was asked for.
             log.info("stream=true: response_format %r does not apply to the event stream", self.response_format)
+        self.beam()
+        if self.n is not None and not self.use_beam_search:
+            log.info("ignoring form field 'n' without use_beam_search")
 
 
 def _text(p: Params, name: str, value: str) -> None:
@@ -147,6 +183,26 @@ def _bool(p: Params, name: str, value: str) -> None:
                           name, "invalid_type")
 
 
+def _optional_bool(p: Params, name: str, value: str) -> None:
+    """A boolean whose empty value means its default (None)."""
+    if value.strip() == "":
+        setattr(p, name, None)
+    else:
+        _bool(p, name, value)
+
+
+def _threshold(lo: float, hi: float):
+    """A threshold in [lo, hi]; 'none', 'null' or 'off' turns its check off (NaN, as the service takes it)."""
+    number = _float(lo, hi)
+
+    def setter(p: Params, name: str, value: str) -> None:
+        if value.strip().lower() in OFF:
+            setattr(p, name, math.nan)
+        else:
+            number(p, name, value)
+    return setter
+
+
 def _language(p: Params, name: str, value: str) -> None:
     if value.strip() == "":
         p.language = None
@@ -186,6 +242,16 @@ _SETTERS = {
     "max_new_tokens": _int(1, 448, "max_completion_tokens"),
     "max_tokens": _int(1, 448, "max_completion_tokens"),
     "to_language": _to_language,
+    "beam_size": _int(1, MAX_CANDIDATES),
+    "best_of": _int(1, MAX_CANDIDATES),
+    "patience": _float(0.0, 10.0, lo_open=True),
+    "length_penalty": _float(0.0, 1.0),
+    "temperature_fallback": _optional_bool,
+    "compression_ratio_threshold": _threshold(0.0, 100.0),
+    "logprob_threshold": _threshold(-100.0, 0.0),
+    "no_speech_threshold": _threshold(0.0, 1.0),
+    "use_beam_search": _optional_bool,
+    "n": _int(-(2**63), 2**63 - 1),  # its range is checked only when use_beam_search uses it
 }
 
 

@@ -43,8 +43,11 @@ CODES = {  # error codes in OpenAI's body, by form field
 }
 
 
-def form_field(field: str) -> str | None:
-    """The form field for a request field of the contract: `config.language` -> `language`."""
+def form_field(field: str, overrides: dict[str, str] | None = None) -> str | None:
+    """The form field for a request field of the contract: `config.language` -> `language`.
+    `overrides` names the form fields that one request set a contract field from."""
+    if overrides and field in overrides:
+        return overrides[field]
     if field in FORM_FIELDS:
         return FORM_FIELDS[field]
     if field.startswith("audio"):
@@ -59,8 +62,8 @@ def _seconds(d) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def http_error(err: grpc.RpcError) -> APIError:
-    """An HTTP error in OpenAI's shape for a failed gRPC call."""
+def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> APIError:
+    """An HTTP error in OpenAI's shape for a failed gRPC call; `overrides` as form_field takes them."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(code)
     violations, retry = [], None
@@ -79,7 +82,7 @@ def http_error(err: grpc.RpcError) -> APIError:
                 detail.Unpack(info)
                 retry = _seconds(info.retry_delay)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        param = form_field(violations[0].field) if violations else None
+        param = form_field(violations[0].field, overrides) if violations else None
         text = violations[0].description if violations and violations[0].description else message
         if param and violations:
             text = f"Invalid '{param}': {text}"
@@ -120,6 +123,11 @@ def _config(r: Request) -> speech_pb2.Config:
         cfg.repetition_penalty = r.repetition_penalty
     if r.max_new_tokens is not None:
         cfg.max_new_tokens = r.max_new_tokens
+    for name in ("beam_size", "best_of", "patience", "length_penalty", "temperature_fallback",
+                 "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+        value = getattr(r, name)
+        if value is not None:  # NaN (a threshold turned off) goes as it is
+            setattr(cfg, name, value)
     cfg.timestamp_granularities.append(speech_pb2.TIMESTAMP_GRANULARITY_SEGMENT)
     if r.word_timestamps:
         cfg.timestamp_granularities.append(speech_pb2.TIMESTAMP_GRANULARITY_WORD)
@@ -141,6 +149,7 @@ class GrpcCall:
     def __init__(self, method, request: Request, timeout: float):
         message = speech_pb2.TranslateRequest if request.task == "translate" else speech_pb2.TranscribeRequest
         self._message = message
+        self._fields = {"config.beam_size": request.beam_field}  # errors name the form field it came from
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
         first = message(config=_config(request))
@@ -175,7 +184,7 @@ class GrpcCall:
         except Exception:
             code = None
         if code is not None and code != grpc.StatusCode.OK:
-            raise http_error(self._call)
+            raise http_error(self._call, self._fields)
         raise APIError(502, "The speech service ended the call before the audio was sent", code="bad_gateway")
 
     def send(self, data: bytes) -> None:
@@ -199,7 +208,7 @@ class GrpcCall:
                                          prompt_tokens=s.usage.prompt_tokens,
                                          completion_tokens=s.usage.completion_tokens))
         except grpc.RpcError as e:
-            raise http_error(e) from None
+            raise http_error(e, self._fields) from None
 
     def cancel(self) -> None:
         self._stop.set()

@@ -216,6 +216,87 @@ def test_params_checks():
         t.set_field("to_language", "fr")
 
 
+BEAM_REQUESTS = [  # form fields -> (beam_size, the form field it came from) as the service gets them
+    ({}, (None, "beam_size")),
+    ({"beam_size": "4"}, (4, "beam_size")),
+    ({"use_beam_search": "true"}, (5, "use_beam_search")),
+    ({"use_beam_search": "true", "n": "3"}, (3, "n")),
+    ({"use_beam_search": "true", "n": "4", "beam_size": "4"}, (4, "beam_size")),
+    ({"use_beam_search": "true", "beam_size": "2"}, (2, "beam_size")),
+    ({"use_beam_search": "false", "n": "3"}, (None, "beam_size")),
+    ({"n": "42"}, (None, "beam_size")),  # n alone means nothing here: ignored, as before
+    ({"use_beam_search": "", "beam_size": "3"}, (3, "beam_size")),  # empty: not given
+]
+
+
+@pytest.mark.parametrize("fields,beam", BEAM_REQUESTS, ids=[str(f) for f, _ in BEAM_REQUESTS])
+def test_beam_width_from_beam_size_or_vllms_fields(client, backend, fields, beam):
+    resp = post(client, "/v1/audio/transcriptions", list(fields.items()) + [("file", ("a.wav", AUDIO))])
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    r = backend.calls[-1].request
+    assert (r.beam_size, r.beam_field) == beam
+
+
+def test_decoding_fields_reach_the_service(client, backend):
+    fields = [("beam_size", "3"), ("best_of", "2"), ("patience", "1.5"), ("length_penalty", "0.25"),
+              ("temperature_fallback", "false"), ("compression_ratio_threshold", "3.5"),
+              ("logprob_threshold", "off"), ("no_speech_threshold", "0.5")]
+    assert post(client, "/v1/audio/translations", fields + [("file", ("a.wav", AUDIO))]).status_code == 200
+    r = backend.calls[-1].request
+    assert (r.beam_size, r.best_of, r.patience, r.length_penalty, r.temperature_fallback,
+            r.compression_ratio_threshold, r.no_speech_threshold) == (3, 2, 1.5, 0.25, False, 3.5, 0.5)
+    assert math.isnan(r.logprob_threshold)  # turned off
+    assert post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO))]).status_code == 200
+    r = backend.calls[-1].request  # none given: the service's defaults
+    assert (r.beam_size, r.best_of, r.patience, r.length_penalty, r.temperature_fallback,
+            r.compression_ratio_threshold, r.logprob_threshold, r.no_speech_threshold) == (None,) * 8
+    for value, expected in (("true", True), ("1", True), ("off", False), ("", None)):
+        post(client, "/v1/audio/translations", [("temperature_fallback", value), ("file", ("a.wav", AUDIO))])
+        assert backend.calls[-1].request.temperature_fallback is expected
+
+
+def test_decoding_fields_in_the_grpc_config():
+    from http_shim.backend import Request
+    from http_shim.grpc_backend import _config
+
+    cfg = _config(Request(task="transcribe", model="m", beam_size=5, best_of=3, patience=2.0, length_penalty=0.5,
+                          temperature_fallback=False, compression_ratio_threshold=3.0, logprob_threshold=math.nan,
+                          no_speech_threshold=0.25))
+    assert (cfg.beam_size, cfg.best_of, cfg.patience, cfg.length_penalty, cfg.temperature_fallback,
+            cfg.compression_ratio_threshold, cfg.no_speech_threshold) == (5, 3, 2.0, 0.5, False, 3.0, 0.25)
+    assert cfg.HasField("logprob_threshold") and math.isnan(cfg.logprob_threshold)
+    unset = _config(Request(task="transcribe", model="m"))
+    assert not any(unset.HasField(f) for f in ("beam_size", "best_of", "patience", "length_penalty",
+                                               "temperature_fallback", "compression_ratio_threshold",
+                                               "logprob_threshold", "no_speech_threshold"))
+    assert _config(Request(task="transcribe", model="m", temperature_fallback=True)).HasField("temperature_fallback")
+
+
+BAD_DECODING = [
+    ({"beam_size": "0"}, "beam_size"), ({"beam_size": "11"}, "beam_size"), ({"beam_size": "five"}, "beam_size"),
+    ({"beam_size": "2.5"}, "beam_size"), ({"best_of": "0"}, "best_of"), ({"best_of": "11"}, "best_of"),
+    ({"patience": "0"}, "patience"), ({"patience": "11"}, "patience"), ({"patience": "nan"}, "patience"),
+    ({"length_penalty": "2"}, "length_penalty"), ({"length_penalty": "-0.1"}, "length_penalty"),
+    ({"temperature_fallback": "maybe"}, "temperature_fallback"), ({"use_beam_search": "maybe"}, "use_beam_search"),
+    ({"compression_ratio_threshold": "-1"}, "compression_ratio_threshold"),
+    ({"logprob_threshold": "1"}, "logprob_threshold"), ({"logprob_threshold": "low"}, "logprob_threshold"),
+    ({"no_speech_threshold": "1.5"}, "no_speech_threshold"),
+    ({"use_beam_search": "true", "n": "11"}, "n"), ({"use_beam_search": "true", "n": "0"}, "n"),
+    ({"n": "three"}, "n"), ({"use_beam_search": "true", "n": "3", "beam_size": "4"}, "n"),
+    ({"use_beam_search": "false", "beam_size": "4"}, "use_beam_search"),
+]
+
+
+@pytest.mark.parametrize("fields,param", BAD_DECODING, ids=[str(f) for f, _ in BAD_DECODING])
+@pytest.mark.parametrize("order", ["fields_first", "file_first"])
+def test_bad_decoding_fields(client, backend, fields, param, order):
+    file = [("file", ("a.wav", AUDIO))]
+    parts = list(fields.items()) + file if order == "fields_first" else file + list(fields.items())
+    error = error_of(post(client, "/v1/audio/transcriptions", parts), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert all(c.cancelled for c in backend.calls)
+
+
 # ---- the application ----------------------------------------------------------------------------------------
 
 
@@ -420,6 +501,9 @@ def _retry(seconds):
     (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.temperature")], 400, "temperature", None),
     (grpc.StatusCode.INVALID_ARGUMENT, [_violation("audio")], 400, "file", None),
     (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.model")], 404, "model", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.beam_size")], 400, "beam_size", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.patience")], 400, "patience", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.logprob_threshold")], 400, "logprob_threshold", None),
     (grpc.StatusCode.INVALID_ARGUMENT, [], 400, None, None),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, [_retry(2)], 429, None, "3"),
     (grpc.StatusCode.UNAVAILABLE, [_retry(0)], 503, None, "1"),
@@ -434,3 +518,12 @@ def test_grpc_errors_to_http(code, details, status, param, retry_after):
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
     assert err.body()["error"]["type"] == ("invalid_request_error" if status < 429 else
                                            "rate_limit_error" if status == 429 else "server_error")
+
+
+def test_grpc_errors_name_the_form_field_the_beam_width_came_from():
+    from http_shim.grpc_backend import http_error
+
+    err = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "too wide", [_violation("config.beam_size")])
+    assert http_error(err, {"config.beam_size": "n"}).param == "n"
+    assert http_error(err, {"config.beam_size": "use_beam_search"}).param == "use_beam_search"
+    assert http_error(err).param == "beam_size"
