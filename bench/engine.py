@@ -31,7 +31,8 @@ def features(n: int, n_mels: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((n, n_mels, 3000)).astype(np.float32) * 0.5
 
 
-def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int) -> dict:
+def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int,
+               beam_size: int = 1) -> dict:
     import jax
 
     from service.engine import Engine
@@ -39,21 +40,22 @@ def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str
     from service.engine.rules import Vocabulary
     from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
 
-    engine = Engine.load(model_dir, max_batch=batch, dtype=dtype)
+    engine = Engine.load(model_dir, max_batch=batch * beam_size, dtype=dtype)  # a window takes beam_size rows
     engine.close()  # its own scheduler is not used: the benchmark's vocabulary suppresses end-of-text
     tok = engine.tokenizer
     vocab = Vocabulary.of(tok, engine.dims.n_vocab)
     suppress = vocab.suppress.copy()
     suppress[tok.eot] = True
     vocab = vocab._replace(suppress=suppress, blank=np.zeros_like(vocab.blank))
-    programs = Programs(engine.programs.params, engine.dims, vocab, batch, list(tok.language_tokens.values()))
+    programs = Programs(engine.programs.params, engine.dims, vocab, batch * beam_size, list(tok.language_tokens.values()))
     scheduler = DecodeScheduler(programs, tok)
     prompt = [tok.sot, tok.language_tokens["en"], tok.translate, tok.no_timestamps]
     feats = features(windows, engine.dims.n_mels)
 
     def once() -> float:
         t0 = time.perf_counter()
-        jobs = [DecodeJob(Window(feats[i]), prompt, 0, timestamps=False, sample_len=tokens) for i in range(windows)]
+        jobs = [DecodeJob(Window(feats[i]), prompt, 0, timestamps=False, sample_len=tokens, beam_size=beam_size)
+                for i in range(windows)]
         for job in jobs:
             scheduler.submit(job)
         outs = [job.future.result() for job in jobs]
@@ -99,6 +101,32 @@ def build_random_model(out: str, size: str) -> None:
         (Path(out) / f.name).write_bytes(f.read_bytes())
 
 
+def run_ct2(hf_dir: str, windows: int, batch: int, tokens: int, beam_size: int, compute_type: str, reps: int) -> dict:
+    """CTranslate2 on the same weights and work (converted from the Hugging Face directory)."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    ct_dir = str(Path(hf_dir).parent / "ct2")
+    if not (Path(ct_dir) / "model.bin").exists():
+        TransformersConverter(hf_dir).convert(ct_dir, force=True)
+    model = ctranslate2.models.Whisper(ct_dir, device="cpu", compute_type=compute_type, intra_threads=os.cpu_count())
+    feats = features(windows, model.n_mels if hasattr(model, "n_mels") else 80)
+    prompt = [50258, 50259, 50358, 50363]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, windows, batch):
+            x = ctranslate2.StorageView.from_array(feats[i : i + batch])
+            r = model.generate(x, [prompt] * min(batch, windows - i), beam_size=beam_size, max_length=2 * tokens,
+                               suppress_tokens=[-1, 50257], suppress_blank=False)
+            assert len(r[0].sequences_ids[0]) == tokens
+        return time.perf_counter() - t0
+
+    once()
+    best = min(once() for _ in range(reps))
+    return {"seconds": round(best, 3), "windows_per_s": round(windows / best, 3), "tokens_per_s": round(windows * tokens / best, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True, help="Hugging Face Whisper directory (peers.py writes OUT/hf)")
@@ -111,6 +139,8 @@ def main() -> None:
     ap.add_argument("--size", default="base", choices=SIZES,
                     help="architecture of the random model (built when --model-dir has none) and of the peers")
     ap.add_argument("--peers", default="hf,ct2,ct2-int8,openai")
+    ap.add_argument("--beam-size", type=int, default=1,
+                    help="> 1: time beam search (the engine's greedy run and CTranslate2's beam search beside it)")
     a = ap.parse_args()
 
     peers = {}
@@ -122,8 +152,15 @@ def main() -> None:
                "--tokens", str(a.tokens), "--out", out, "--peers", a.peers]
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
         peers = json.loads(text[text.index("{"):])["peers"]
-    ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps)
-    rows = {"dragoman-jax": ours, **peers}
+    ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
+    name = "dragoman-jax" if a.beam_size == 1 else f"dragoman-jax-beam{a.beam_size}"
+    rows = {name: ours, **peers}
+    if a.beam_size > 1:
+        rows["dragoman-jax-greedy"] = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps)
+        for compute_type in ("float32", "int8"):
+            rows[f"ct2-{compute_type}-beam{a.beam_size}"] = run_ct2(a.model_dir, a.windows, a.batch, a.tokens,
+                                                                    a.beam_size, compute_type, a.reps)
+    peers = {k: v for k, v in rows.items() if not k.startswith("dragoman")}
     fastest_peer = max((v["windows_per_s"] for v in peers.values()), default=None)
     print(json.dumps({"windows": a.windows, "batch": a.batch, "tokens": a.tokens, "cpus": os.cpu_count(),
                       "results": rows}, indent=1))
