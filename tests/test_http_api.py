@@ -31,6 +31,7 @@ MAX_UPLOAD = 1 << 20  # the shim under test takes files up to 1 MiB
 # Few tokens per window: random weights never stop on their own, and the suite must stay quick.
 FAST = {"language": "it", "seed": 4419, "repetition_penalty": 1.3, "max_completion_tokens": 8}
 FORMATS = ["json", "text", "srt", "verbose_json", "vtt"]
+MAX_BATCH = 5  # the service's batch: room for use_beam_search's default 5 beams
 
 
 def make_audio(seconds: float = 3.0, fmt: str = "wav", rate: int = 16000, seed: int = 0) -> bytes:
@@ -104,7 +105,7 @@ def servers(tiny_model, tmp_path_factory):
     server_log = open(logs / "service.log", "w")
     shim_log = open(logs / "shim.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model", model_dir,
-                               "--port", str(grpc_port), "--max-batch", "2"],
+                               "--port", str(grpc_port), "--max-batch", str(MAX_BATCH)],
                               cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
     shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", str(http_port),
                              "--grpc-target", f"127.0.0.1:{grpc_port}", "--api-key", API_KEY,
@@ -329,6 +330,104 @@ def test_stream_errors_keep_their_status(servers):
     with pytest.raises(openai.BadRequestError):
         list(servers.client().audio.transcriptions.create(file=("a.wav", b"\x00" * 5000), model="whisper-1",
                                                           stream=True))
+
+
+# ---- decoding options: beam search, best-of, temperature fallback ---------------------------------------------
+
+
+def _verbose(servers, **extra):
+    """A verbose_json transcription of WAV through the SDK, FAST's fields and `extra` in extra_body."""
+    temperature = extra.pop("temperature", 0.0)
+    return servers.client().audio.transcriptions.create(file=("a.wav", WAV), model="whisper-1",
+                                                        response_format="verbose_json", temperature=temperature,
+                                                        extra_body={**FAST, **extra})
+
+
+def _segments(result) -> list[tuple]:
+    return [(s.text.strip(), list(s.tokens), round(s.temperature, 4)) for s in result.segments]
+
+
+def _grpc_segments(servers, **config) -> list[tuple]:
+    """The same request straight to the gRPC service, FAST's fields in the Config."""
+    import grpc
+
+    from dragoman.v1 import speech_pb2 as pb
+    from dragoman.v1 import speech_pb2_grpc
+
+    cfg = pb.Config(language=FAST["language"], seed=FAST["seed"], repetition_penalty=FAST["repetition_penalty"],
+                    max_new_tokens=FAST["max_completion_tokens"], **config)
+    with grpc.insecure_channel(servers.grpc_target) as channel:
+        stub = speech_pb2_grpc.SpeechServiceStub(channel)
+        responses = list(stub.Transcribe(iter([pb.TranscribeRequest(config=cfg), pb.TranscribeRequest(audio=WAV)]),
+                                         timeout=120))
+    return [(r.segment.text.strip(), list(r.segment.tokens), round(r.segment.temperature, 4))
+            for r in responses if r.WhichOneof("event") == "segment"]
+
+
+def test_sdk_beam_search(servers):
+    beam_5 = _verbose(servers, beam_size=5, temperature_fallback=False)
+    assert beam_5.segments and all(s.temperature == 0 for s in beam_5.segments)
+    assert _segments(beam_5) == _grpc_segments(servers, beam_size=5, temperature=0, temperature_fallback=False)
+    # vLLM's spelling: use_beam_search, n beams wide (5 without n).
+    assert _segments(_verbose(servers, use_beam_search=True, temperature_fallback=False)) == _segments(beam_5)
+    beam_3 = _verbose(servers, beam_size=3, patience=2.0, length_penalty=0.5, temperature_fallback=False)
+    assert _segments(beam_3) == _grpc_segments(servers, beam_size=3, patience=2.0, length_penalty=0.5, temperature=0,
+                                               temperature_fallback=False)
+    vllm_3 = _verbose(servers, use_beam_search=True, n=3, patience=2.0, length_penalty=0.5, temperature_fallback=False)
+    assert _segments(vllm_3) == _segments(beam_3)
+    greedy = _verbose(servers, temperature_fallback=False)
+    assert _segments(_verbose(servers, beam_size=1, temperature_fallback=False)) == _segments(greedy)
+    # Streamed, beam search sends each segment's final text: the deltas join to the same text.
+    stream = servers.client().audio.transcriptions.create(file=("a.wav", WAV), model="whisper-1", stream=True,
+                                                          temperature=0.0,
+                                                          extra_body={**FAST, "beam_size": 5,
+                                                                      "temperature_fallback": False})
+    events = list(stream)
+    assert "".join(e.delta for e in events if e.type == "transcript.text.delta") == beam_5.text
+    assert [e.text for e in events if e.type == "transcript.text.done"] == [beam_5.text]
+
+
+def test_sdk_best_of(servers):
+    first = _verbose(servers, temperature=0.6, best_of=3, temperature_fallback=False)
+    second = _verbose(servers, temperature=0.6, best_of=3, temperature_fallback=False)
+    assert first.segments and _segments(first) == _segments(second)
+    assert all(s.temperature == pytest.approx(0.6) for s in first.segments)
+    assert _segments(first) == _grpc_segments(servers, best_of=3, temperature=0.6, temperature_fallback=False)
+
+
+def test_sdk_temperature_fallback(servers):
+    off = _verbose(servers, temperature_fallback=False)
+    assert off.segments and all(s.temperature == 0 for s in off.segments)
+    on = _verbose(servers)  # random weights fail the default thresholds: higher temperatures follow
+    assert on.segments and max(s.temperature for s in on.segments) > 0
+    assert _segments(on) == _grpc_segments(servers, temperature=0)
+    # A threshold that random weights pass keeps temperature 0.
+    assert _segments(_verbose(servers, logprob_threshold=-100)) == _segments(off)
+    assert _segments(_verbose(servers, logprob_threshold="off", compression_ratio_threshold="off")) == _segments(off)
+
+
+BAD_DECODING = [
+    ({"beam_size": 11}, "beam_size"),
+    ({"beam_size": MAX_BATCH + 1}, "beam_size"),  # more beams than the service's batch: the service says so
+    ({"use_beam_search": True, "n": MAX_BATCH + 1}, "n"),
+    ({"use_beam_search": True, "n": 11}, "n"),
+    ({"best_of": 0}, "best_of"),
+    ({"patience": 2.0}, "patience"),  # without beam search: the service says so
+    ({"beam_size": 2, "patience": 0}, "patience"),
+    ({"length_penalty": 2}, "length_penalty"),
+    ({"temperature_fallback": "maybe"}, "temperature_fallback"),
+    ({"logprob_threshold": 1}, "logprob_threshold"),
+    ({"no_speech_threshold": 2}, "no_speech_threshold"),
+    ({"compression_ratio_threshold": "high"}, "compression_ratio_threshold"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_DECODING, ids=[str(e) for e, _ in BAD_DECODING])
+def test_sdk_bad_decoding_options(servers, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        servers.client().audio.transcriptions.create(file=("a.wav", WAV), model="whisper-1", extra_body=extra)
+    assert e.value.status_code == 400 and e.value.param == param
+    assert e.value.type == "invalid_request_error"
 
 
 # ---- bad input, each answered in OpenAI's shape; a good request still works after them ----------------------------
