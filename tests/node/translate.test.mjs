@@ -89,6 +89,17 @@ test('Translate streams deltas and segments in order, then one summary', async (
   assert.ok(summary.language.length >= 2);
 });
 
+test('beam search with the fallback off decodes at temperature 0 only', async () => {
+  // proto3 optional fields: an explicit false reaches the server (random weights would fall back).
+  const config = { max_new_tokens: 4, temperature: 0, temperature_fallback: false, beam_size: 2, patience: 1.5 };
+  const events = await translate(config, wav());
+  const segments = events.filter((e) => e.event === 'segment').map((e) => e.segment);
+  assert.ok(segments.length > 0);
+  assert.ok(segments.every((s) => s.temperature === 0));
+  const again = await translate(config, wav());
+  assert.deepEqual(again.filter((e) => e.event === 'segment').map((e) => e.segment), segments);
+});
+
 test('ListModels names the served model and its alias', async () => {
   const response = await new Promise((resolve, reject) =>
     client.ListModels({}, { deadline: deadline(10) }, (err, r) => (err ? reject(err) : resolve(r))));
@@ -102,6 +113,14 @@ test('an unknown language is INVALID_ARGUMENT with google.rpc details', async ()
     assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
     assert.match(err.details, /config\.language/);
     assert.equal(err.metadata.get('grpc-status-details-bin').length, 1);
+    return true;
+  });
+});
+
+test('a beam size out of range is INVALID_ARGUMENT naming config.beam_size', async () => {
+  await assert.rejects(translate({ beam_size: 11 }, wav(0.5)), (err) => {
+    assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(err.details, /config\.beam_size/);
     return true;
   });
 });
