@@ -280,7 +280,7 @@ class Upload:
                     if self.file_seen:
                         raise bad_request("Only one 'file' may be sent", "file")
                     self.file_seen = True
-                    if fields_before_file:
+                    if fields_before_file and self._complete():
                         self.call, self.sent = self._start()
                 elif isinstance(event, FileData):
                     self.spool.write(event.data)
@@ -325,6 +325,11 @@ class Upload:
                        compression_ratio_threshold=p.compression_ratio_threshold,
                        logprob_threshold=p.logprob_threshold, no_speech_threshold=p.no_speech_threshold,
                        beam_field=beam_field)
+
+    def _complete(self) -> bool:
+        """Whether the fields so far make a request the service can take: patience waits for its beam
+        width, which may come after the file (the call starts at the end of the form then)."""
+        return self.params.patience is None or self.params.beam()[0] is not None
 
     def _start(self, wanted: Request | None = None) -> tuple[Call, Request]:
         wanted = wanted or self._request()

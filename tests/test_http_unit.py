@@ -272,6 +272,14 @@ def test_decoding_fields_in_the_grpc_config():
     assert _config(Request(task="transcribe", model="m", temperature_fallback=True)).HasField("temperature_fallback")
 
 
+def test_patience_before_the_file_waits_for_a_beam_size_after_it(client, backend):
+    parts = [("patience", "2"), ("file", ("a.wav", AUDIO)), ("beam_size", "3")]
+    assert post(client, "/v1/audio/transcriptions", parts).status_code == 200
+    assert len(backend.calls) == 1  # started once, when the form ended: not before with patience alone
+    r = backend.calls[0].request
+    assert (r.patience, r.beam_size) == (2.0, 3) and bytes(backend.calls[0].audio) == AUDIO
+
+
 BAD_DECODING = [
     ({"beam_size": "0"}, "beam_size"), ({"beam_size": "11"}, "beam_size"), ({"beam_size": "five"}, "beam_size"),
     ({"beam_size": "2.5"}, "beam_size"), ({"best_of": "0"}, "best_of"), ({"best_of": "11"}, "best_of"),
