@@ -172,3 +172,34 @@ def test_long_form_mode_defaults_to_the_servers(tiny_engine, wav, monkeypatch):
     finally:
         srv.stop()
     assert modes == ["sequential", "batched"]
+
+
+def test_pcm_results_start_before_the_upload_ends(client):
+    """The first window is decoded once its 30 s have arrived: the client holds back the rest of
+    its audio until the first segment comes, which only works if decoding starts early."""
+    import threading
+
+    data = pcm(tone(70.0, seed=7), "f32le")
+    first_segment = threading.Event()
+    held_back = []
+
+    def upload():
+        yield pb.TranslateRequest(config=config(encoding=pb.AUDIO_ENCODING_F32LE, sample_rate_hertz=16000,
+                                                temperature=1.0))
+        half = 4 * 16000 * 45  # 45 s of float32 samples: one window is complete, the next is not
+        for i in range(0, half, 64 * 1024):
+            yield pb.TranslateRequest(audio=data[i : min(i + 64 * 1024, half)])
+        held_back.append(first_segment.wait(timeout=120))
+        for i in range(half, len(data), 64 * 1024):
+            yield pb.TranslateRequest(audio=data[i : i + 64 * 1024])
+
+    segments, summary = [], None
+    for response in client.Translate(upload(), timeout=300):
+        if response.WhichOneof("event") == "segment":
+            segments.append(response.segment)
+            first_segment.set()
+        elif response.WhichOneof("event") == "summary":
+            summary = response.summary
+    assert held_back == [True], "no segment came before the rest of the audio was sent"
+    assert summary is not None and abs(summary.duration.seconds + summary.duration.nanos / 1e9 - 70.0) < 0.1
+    assert max(s.seek for s in segments) >= 4000  # the held-back audio was decoded too
