@@ -72,7 +72,7 @@ class Engine:
         ckpt = weights.resolve(model)
         tokenizer = WhisperTokenizer.from_directory(ckpt.directory)
         params = weights.build_params(ckpt.tensors(), ckpt.dims, DTYPES[dtype])
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+        _to_device(params)
         log.info("loaded %s (%s, %s) in %.1f s", model, ckpt.dims, dtype, time.perf_counter() - t0)
         return cls(params, ckpt.dims, tokenizer, max_batch=max_batch, name=name or model, max_queue=max_queue)
 
@@ -144,6 +144,16 @@ class Engine:
         run._detect(window)
         out = self.scheduler.submit(run._job(window, run.initial_prompt, 0, salt=0)).result()
         return run._result(out, options.temperatures[0]), run.language
+
+
+def _to_device(tree: dict | list) -> None:
+    """Move a parameter tree to the device leaf by leaf, in place, so each host copy is freed as
+    soon as its device copy exists (the model is never held twice in full)."""
+    for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(value, (dict, list)):
+            _to_device(value)
+        else:
+            tree[key] = jax.device_put(value)
 
 
 class _Run:
