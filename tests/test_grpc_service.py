@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 import pytest
 
 from dragoman.v1 import speech_pb2 as pb
-from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields
+from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone
 from service.languages import LANGUAGES
 
 

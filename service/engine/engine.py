@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
