@@ -79,6 +79,7 @@ class Programs:
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder",))
         self.alignment_heads = list(alignment_heads)
+        self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
         self._align = jax.jit(self._align_impl)
 
     # ---- the programs ----------------------------------------------------------------------
@@ -204,7 +205,7 @@ class Programs:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
         next-token probabilities [len(tokens), vocab] of one window's teacher-forced tokens."""
         tokens = tokens[: self.dims.n_text_ctx]
-        width = bucket(len(tokens), (64, self.dims.n_text_ctx // 2 + 8, self.dims.n_text_ctx))
+        width = bucket(len(tokens), self.align_sizes)
         padded = np.zeros((1, width), np.int32)
         padded[0, : len(tokens)] = tokens
         scores, probs = self._align(self.params, features[None], padded)
