@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import model
 from .dims import ModelDimensions
@@ -64,6 +65,12 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 class Programs:
     def __init__(self, params: dict, dims: ModelDimensions, vocab: Vocabulary, n_slots: int, language_ids: list[int],
                  alignment_heads: list[tuple[int, int]] = ()):
+        devices = jax.local_devices()
+        # Several local accelerators: the batch slots are split across them, the weights copied
+        # to each; XLA partitions every program from these placements (one process drives all).
+        self.mesh = Mesh(np.array(devices), ("batch",)) if len(devices) > 1 and n_slots % len(devices) == 0 else None
+        if self.mesh is not None:
+            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
         self.params = params
         self.dims = dims
         self.vocab = vocab
@@ -162,8 +169,10 @@ class Programs:
                          jnp.zeros((n, d.n_vocab), bool))
         options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
                              jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
-        return Slots(model.KVCache(sk, sv, cross(), cross()), state, options,
-                     jnp.full(n, d.n_text_ctx, jnp.int32))
+        slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, options, jnp.full(n, d.n_text_ctx, jnp.int32))
+        if self.mesh is not None:
+            slots = jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
+        return slots
 
     def encode(self, mel: np.ndarray | jax.Array) -> jax.Array:
         """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets."""

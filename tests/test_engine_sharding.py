@@ -1,0 +1,41 @@
+"""Several local devices: the batch is split across a mesh, and results do not change."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from audio_signals import speechlike
+from service.engine import Engine, TranscribeOptions
+engine = Engine.load({model!r}, max_batch=4)
+audio = speechlike(45.0, seed=3)
+greedy = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
+beams = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=2))
+print(json.dumps({{"devices": jax.local_device_count(), "mesh": engine.programs.mesh is not None,
+                  "greedy": [s.tokens for s in greedy.segments], "beams": [s.tokens for s in beams.segments]}}))
+engine.close()
+"""
+
+
+def run(model_dir, devices: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    code = SCRIPT.format(tests=str(ROOT / "tests"), model=str(model_dir))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_batch_split_over_four_devices_gives_the_same_tokens(tiny_model):
+    one, four = run(tiny_model[0], 1), run(tiny_model[0], 4)
+    assert (one["devices"], one["mesh"]) == (1, False)
+    assert (four["devices"], four["mesh"]) == (4, True)
+    assert four["greedy"] == one["greedy"] and any(four["greedy"])
+    assert four["beams"] == one["beams"]
