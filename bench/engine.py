@@ -84,21 +84,12 @@ SIZES = {  # name: (d_model, encoder layers, decoder layers, heads, n_mels, voca
 
 def build_random_model(out: str, size: str) -> None:
     """A seeded random Whisper of an official architecture, with Whisper's real vocabulary."""
-    import torch
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from random_models import tokenizer_dir
+    from random_models import save_random_whisper
 
     d, enc, dec, heads, mels, vocab = SIZES[size]
-    cfg = WhisperConfig(vocab_size=vocab, num_mel_bins=mels, d_model=d, encoder_layers=enc, decoder_layers=dec,
-                        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d,
-                        decoder_ffn_dim=4 * d, max_source_positions=1500, max_target_positions=448,
-                        decoder_start_token_id=50258, pad_token_id=50257, eos_token_id=50257, bos_token_id=50257)
-    torch.manual_seed(0)
-    WhisperForConditionalGeneration(cfg).eval().save_pretrained(out)
-    for f in tokenizer_dir(vocab - 51766, str(Path(out).parent)).iterdir():
-        (Path(out) / f.name).write_bytes(f.read_bytes())
+    save_random_whisper(Path(out), n_mels=mels, vocab=vocab, encoder_layers=enc, decoder_layers=dec, d_model=d,
+                        heads=heads)
 
 
 def run_ct2(hf_dir: str, windows: int, batch: int, tokens: int, beam_size: int, compute_type: str, reps: int) -> dict:

@@ -44,11 +44,19 @@ def tokenizer_dir(num_languages: int, root: str) -> Path:
 def build_model(out: Path, arch: str = "tiny", *, d_model: int = 64, heads: int = 2, seed: int = 0,
                 init_std: float = 0.1, safe_serialization: bool = True):
     """Save a random Whisper of the given architecture to `out`; returns the transformers model."""
+    n_mels, vocab, enc_layers, dec_layers = ARCHITECTURES[arch]
+    return save_random_whisper(out, n_mels=n_mels, vocab=vocab, encoder_layers=enc_layers, decoder_layers=dec_layers,
+                               d_model=d_model, heads=heads, seed=seed, init_std=init_std,
+                               safe_serialization=safe_serialization)
+
+
+def save_random_whisper(out: Path, *, n_mels: int, vocab: int, encoder_layers: int, decoder_layers: int, d_model: int,
+                        heads: int, seed: int = 0, init_std: float = 0.02, safe_serialization: bool = True):
+    """A seeded random Whisper of any dimensions, saved to `out` with Whisper's real tokenizer."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    n_mels, vocab, enc_layers, dec_layers = ARCHITECTURES[arch]
-    cfg = WhisperConfig(vocab_size=vocab, num_mel_bins=n_mels, d_model=d_model, encoder_layers=enc_layers,
-                        decoder_layers=dec_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
+    cfg = WhisperConfig(vocab_size=vocab, num_mel_bins=n_mels, d_model=d_model, encoder_layers=encoder_layers,
+                        decoder_layers=decoder_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
                         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_source_positions=1500,
                         max_target_positions=448, init_std=init_std, decoder_start_token_id=50258,
                         pad_token_id=50257, eos_token_id=50257, bos_token_id=50257,

@@ -41,12 +41,3 @@ class ModelDimensions:
             n_text_head=cfg["decoder_attention_heads"],
             n_text_layer=cfg["decoder_layers"],
         )
-
-    @property
-    def is_multilingual(self) -> bool:
-        return self.n_vocab >= 51865
-
-    @property
-    def num_languages(self) -> int:
-        # 51865 tokens hold 99 languages; large-v3 added Cantonese (51866).
-        return self.n_vocab - 51765 - int(self.is_multilingual)

@@ -133,7 +133,10 @@ class Engine:
 
     def detect_language(self, mel: np.ndarray) -> dict[str, float]:
         """Probability of each language, from one 30 s window of log-mel features."""
-        probs = self.scheduler.detect_language(Window(mel)).result()
+        return self._language_probabilities(Window(mel))
+
+    def _language_probabilities(self, window: Window) -> dict[str, float]:
+        probs = self.scheduler.detect_language(window).result()
         return dict(zip(self.languages, map(float, probs)))
 
     def decode(self, mel: np.ndarray, options: TranscribeOptions = TranscribeOptions()) -> tuple[WindowResult, str]:
@@ -182,9 +185,9 @@ class _Run:
     def _detect(self, window: Window) -> None:
         if self.language is None:
             if self.tok.is_multilingual:
-                probs = self.engine.scheduler.detect_language(window).result()
-                best = int(np.argmax(probs))
-                self.language, self.language_probability = list(self.engine.languages)[best], float(probs[best])
+                probs = self.engine._language_probabilities(window)
+                self.language = max(probs, key=probs.get)
+                self.language_probability = probs[self.language]
             else:
                 self.language = "en"
 

@@ -89,18 +89,6 @@ class WhisperTokenizer:
         """Text of any tokens below the timestamps, special ones written out (<|endoftext|>)."""
         return self._tok.decode([t for t in tokens if t < self.timestamp_begin], skip_special_tokens=False)
 
-    def decode_with_timestamps(self, tokens: list[int]) -> str:
-        out, text = [], []
-        for t in tokens:
-            if t >= self.timestamp_begin:
-                out.append(self.decode(text))
-                text = []
-                out.append(f"<|{(t - self.timestamp_begin) * 0.02:.2f}|>")
-            else:
-                text.append(t)
-        out.append(self.decode(text))
-        return "".join(out)
-
     @cached_property
     def blank_suppress(self) -> list[int]:
         """Tokens never allowed as the first sampled one: a lone space and end-of-text."""

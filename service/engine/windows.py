@@ -41,10 +41,6 @@ class WindowCutter:
         self._buffer = np.zeros(0, np.float32)
         return out
 
-    @property
-    def samples_seen(self) -> int:
-        return self._offset + len(self._buffer)
-
     def _quietest_cut(self) -> int:
         frames = len(self._buffer) // HOP_LENGTH
         energy = np.square(self._buffer[: frames * HOP_LENGTH].reshape(frames, HOP_LENGTH)).mean(axis=1)
@@ -60,8 +56,3 @@ def cut_windows(chunks: Iterable[np.ndarray], max_samples: int = N_SAMPLES) -> I
     for chunk in chunks:
         yield from cutter.push(chunk)
     yield from cutter.finish()
-
-
-def split_windows(audio: np.ndarray, max_samples: int = N_SAMPLES) -> list[tuple[int, int]]:
-    """[(start, end)] sample spans covering `audio`, each at most `max_samples` long."""
-    return [(a, b) for a, b, _ in cut_windows([audio], max_samples)]
