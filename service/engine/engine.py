@@ -96,13 +96,14 @@ class Engine:
             for width in p.prefix_sizes:
                 prefixes = [[self.tokenizer.sot] * min(width, self.dims.n_text_ctx)] * size
                 slots, *_ = p.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0)
-        slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32))
-        p.step(slots, np.zeros(p.n_slots, np.int32), np.arange(p.n_slots))  # the reordering step of beam search
+        for length in p.kv_sizes:  # and the reordering step of beam search
+            slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32), length=length)
+            slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32), np.arange(p.n_slots), length=length)
         for width in p.align_sizes:  # word timestamps
             p.align(feats[0], [self.tokenizer.sot] * width)
         features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
-        log.info("warm-up compiled %d batch, %d prefix and %d alignment buckets in %.1f s", len(p.batch_sizes),
-                 len(p.prefix_sizes), len(p.align_sizes), time.perf_counter() - t0)
+        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets in %.1f s",
+                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes), time.perf_counter() - t0)
 
     # ---- transcription --------------------------------------------------------------------
 

@@ -80,11 +80,13 @@ class Programs:
         # On CPU the encoder is fastest one window at a time (its activations stay in cache).
         self.encode_sizes = (1,) if jax.default_backend() == "cpu" else self.batch_sizes
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
+        # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
+        self.kv_sizes = tuple(sorted({n for n in (64, 128, 256) if n < dims.n_text_ctx} | {dims.n_text_ctx}))
         self.language_ids = jnp.asarray(language_ids, jnp.int32)
         self._encode = jax.jit(partial(model.encode, dims=dims))
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
-        self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder",))
+        self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
         self.alignment_heads = list(alignment_heads)
         self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
         self._align = jax.jit(self._align_impl)
@@ -130,7 +132,7 @@ class Programs:
         )
         return slots, choice, no_speech_prob
 
-    def _step_impl(self, params, fixed, moving, tokens, source, reorder: bool):
+    def _step_impl(self, params, fixed, moving, tokens, source, reorder: bool, kv_len: int):
         """`fixed` (cross keys/values, options) is only read; `moving` (self-attention cache,
         row state, positions) is donated and updated in place. Passing the large cross cache
         through as an output would make XLA copy it at every step. With `reorder`, row i first
@@ -144,7 +146,7 @@ class Programs:
         state = commit_tokens(state, tokens, self.vocab)
         cache = model.KVCache(self_k, self_v, cross_k, cross_v)
         logits, cache = model.decode(params, tokens[:, None], position, cache,
-                                     jnp.zeros((self.n_slots, 1), jnp.int32), self.dims)
+                                     jnp.zeros((self.n_slots, 1), jnp.int32), self.dims, kv_len=kv_len)
         choice = choose_tokens(logits[:, 0], state, options, self.vocab)
         return (cache.self_k, cache.self_v, state, position + 1), choice
 
@@ -220,15 +222,18 @@ class Programs:
         scores, probs = self._align(self.params, features[None], padded)
         return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
-    def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None) -> tuple[Slots, "Choice"]:
-        """Feed `tokens` [slots] (after taking row source[i] into row i, when given)."""
+    def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
+             length: int | None = None) -> tuple[Slots, "Choice"]:
+        """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
+        the longest sequence of a live row once these tokens are in (default: the context)."""
         c = slots.cache
         fixed = (c.cross_k, c.cross_v, slots.options)
         moving = (c.self_k, c.self_v, slots.state, slots.position)
         reorder = source is not None
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
+        kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
         (self_k, self_v, state, position), choice = self._step(self.params, fixed, moving, np.asarray(tokens, np.int32),
-                                                               src, reorder=reorder)
+                                                               src, reorder=reorder, kv_len=kv_len)
         slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
         return slots, Choice(*(np.asarray(x) for x in choice))
 

@@ -5,6 +5,11 @@ The scheduler thread fills free batch slots with waiting jobs, runs the compiled
 slots at once, hands each step's tokens out as they come, and frees a slot the moment its
 window ends (end-of-text, token limit, or cancellation), so a short window never waits for a
 long one and no request waits for another to finish.
+
+A second thread runs the encoder on submitted windows, so that while every slot is busy the
+next windows are encoded as the batch decodes (the encoder is compute-bound, a decode step
+mostly waits on memory). While a slot is free and the window that would fill it is being
+encoded, the batch waits for it instead: steps with empty slots would waste the device.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ class Window:
     by language detection and by every decoding attempt (temperature fallback)."""
     mel: jax.Array | np.ndarray  # [n_mels, 3000]
     features: jax.Array | None = None  # [n_audio_ctx, state]
+    error: Exception | None = None  # why the encoder failed on it
+
+    @property
+    def encoded(self) -> bool:
+        return self.features is not None or self.error is not None
 
 
 @dataclass(eq=False)
@@ -113,9 +123,14 @@ class DecodeScheduler:
         self._groups: list[_Group | None] = [None] * programs.n_slots  # the group each slot serves
         self._feed = np.zeros(programs.n_slots, np.int32)  # the token each slot is fed next
         self._source = np.arange(programs.n_slots, dtype=np.int32)  # the row each slot takes (beams)
+        self._length = np.zeros(programs.n_slots, np.int64)  # tokens in each slot's cache
         self._slots: Slots | None = None
+        self._to_encode: deque[Window] = deque()
+        self._encoding: set[Window] = set()  # queued for the encoder or being encoded
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
+        self._encoder = threading.Thread(target=self._encode_loop, name="encoder", daemon=True)
         self._thread.start()
+        self._encoder.start()
 
     # ---- callers -------------------------------------------------------------------------
 
@@ -129,7 +144,8 @@ class DecodeScheduler:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} windows are already waiting to be decoded")
             self._jobs.append(job)
-            self._cv.notify()
+            self._request_features(job.window)
+            self._cv.notify_all()
         return job.future
 
     def detect_language(self, window: Window) -> Future:
@@ -139,7 +155,8 @@ class DecodeScheduler:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
             self._detections.append(d)
-            self._cv.notify()
+            self._request_features(window)
+            self._cv.notify_all()
         return d.future
 
     @property
@@ -149,28 +166,60 @@ class DecodeScheduler:
     def close(self) -> None:
         with self._cv:
             self._closed = True
-            self._cv.notify()
+            self._cv.notify_all()
         self._thread.join()
+        self._encoder.join()
+
+    def _request_features(self, window: Window) -> None:  # with self._cv held
+        if not window.encoded and window not in self._encoding:
+            self._encoding.add(window)
+            self._to_encode.append(window)
+
+    # ---- the encoder thread --------------------------------------------------------------
+
+    def _encode_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._to_encode or self._closed):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                largest = self.programs.encode_sizes[-1]
+                chunk = [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
+            try:
+                features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]))
+                features.block_until_ready()  # encoded means computed: the decode thread never waits on it
+                outcome = [(features[j], None) for j in range(len(chunk))]
+            except Exception as e:  # the windows' jobs fail, the server serves on
+                log.exception("encoding failed")
+                outcome = [(None, e)] * len(chunk)
+            with self._cv:
+                for w, (f, error) in zip(chunk, outcome):
+                    w.features, w.error = f, error
+                    self._encoding.discard(w)
+                self._cv.notify_all()
 
     # ---- the scheduler thread ------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._jobs or self._detections or self._active() or self._closed):
+                while not (self._ready() or (self._active() and not self._filling()) or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(SchedulerClosed("the engine is shutting down"))
                     return
-                detections = list(self._detections)
-                self._detections.clear()
+                detections = [d for d in self._detections if d.window.encoded]
+                self._detections = deque(d for d in self._detections if not d.window.encoded)
                 admitted = self._take_jobs()
             try:
                 if detections:
                     self._detect(detections)
                 if admitted:
                     self._admit(admitted)
-                if self._active():
+                with self._cv:
+                    step = self._active() and not self._filling()
+                if step:
                     self._step()
             except Exception as e:  # a device error fails the work in flight, not the server
                 log.exception("decoding failed")
@@ -183,28 +232,40 @@ class DecodeScheduler:
     def _active(self) -> bool:
         return any(g is not None for g in self._groups)
 
+    def _ready(self) -> bool:
+        """Work whose window is encoded is waiting."""
+        return bool(self._jobs and self._jobs[0].window.encoded) or any(d.window.encoded for d in self._detections)
+
+    def _filling(self) -> bool:
+        """A job that fits in the free slots is waiting for the encoder."""
+        free = sum(g is None for g in self._groups)
+        for job in self._jobs:
+            if job.rows > free:
+                return False
+            if not job.window.encoded:
+                return True
+            free -= job.rows
+        return False
+
     def _take_jobs(self) -> list[DecodeJob]:
         free = sum(g is None for g in self._groups)
         taken: list[DecodeJob] = []
-        while self._jobs and self._jobs[0].rows <= free:  # in order: a wide job is not overtaken
+        # In order: a wide job, or one whose window is still being encoded, is not overtaken.
+        while self._jobs and self._jobs[0].rows <= free and self._jobs[0].window.encoded:
             job = self._jobs.popleft()
             if job.cancel is not None and job.cancel.is_set():
                 job.future.set_exception(CancelledError())
+            elif job.window.error is not None:
+                job.future.set_exception(job.window.error)
             elif job.future.set_running_or_notify_cancel():
                 taken.append(job)
                 free -= job.rows
         return taken
 
-    def _encode(self, windows: list[Window]) -> None:
-        todo = [w for w in windows if w.features is None]
-        for i in range(0, len(todo), self.programs.n_slots):
-            chunk = todo[i : i + self.programs.n_slots]
-            features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]))
-            for j, w in enumerate(chunk):
-                w.features = features[j]
-
     def _detect(self, detections: list[_Detection]) -> None:
-        self._encode([d.window for d in detections])
+        for d in [d for d in detections if d.window.error is not None]:
+            d.future.set_exception(d.window.error)
+        detections = [d for d in detections if d.window.error is None]
         for i in range(0, len(detections), self.programs.n_slots):
             chunk = detections[i : i + self.programs.n_slots]
             probs = self.programs.detect_language(jnp.stack([d.window.features for d in chunk]), self.tokenizer.sot)
@@ -214,7 +275,6 @@ class DecodeScheduler:
     def _admit(self, jobs: list[DecodeJob]) -> None:
         if self._slots is None:
             self._slots = self.programs.empty_slots()
-        self._encode([j.window for j in jobs])
         free = iter([i for i, g in enumerate(self._groups) if g is None])
         groups = [_Group(j, [next(free) for _ in range(j.rows)], float("nan"), [_Sequence() for _ in range(j.rows)])
                   for j in jobs]
@@ -231,6 +291,7 @@ class DecodeScheduler:
             [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0)
         by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
         for g in groups:
+            self._length[g.slots] = len(g.job.prefix)
             if self.tokenizer.no_speech is not None:
                 g.no_speech_prob = float(no_speech[by_slot[g.slots[0]]])
             for slot in g.slots:
@@ -239,7 +300,10 @@ class DecodeScheduler:
 
     def _step(self) -> None:
         reorder = bool((self._source != np.arange(len(self._source))).any())
-        self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None)
+        self._length = self._length[self._source] + 1
+        live = [slot for slot, g in enumerate(self._groups) if g is not None]
+        self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None,
+                                                 length=int(self._length[live].max()))
         self._source = np.arange(len(self._source), dtype=np.int32)
         groups = list({id(g): g for g in self._groups if g is not None}.values())
         self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
@@ -345,6 +409,7 @@ class DecodeScheduler:
     def _fail_all(self, error: Exception) -> None:
         self._fail_rows(error, list(self._jobs))
         self._jobs.clear()
+        self._to_encode.clear()
         for d in self._detections:
             d.future.set_exception(error)
         self._detections.clear()
