@@ -125,7 +125,10 @@ def test_audio_given_in_pieces_equals_audio_given_whole(tiny_engine):
     # Windows that join the batch at other moments share it with other rows: the same tokens,
     # and log-probabilities equal up to float rounding.
     fuzzy = ("avg_logprob", "no_speech_prob")
-    exact = lambda r: [{k: v for k, v in s.to_dict().items() if k not in fuzzy} for s in r.segments]  # noqa: E731
+
+    def exact(r):
+        return [{k: v for k, v in s.to_dict().items() if k not in fuzzy} for s in r.segments]
+
     assert exact(pieces) == exact(whole)
     for field in fuzzy:
         assert [getattr(s, field) for s in pieces.segments] == pytest.approx([getattr(s, field) for s in whole.segments],

@@ -2,7 +2,6 @@
 encoder fails on fails its own jobs only."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
