@@ -132,22 +132,24 @@ class Programs:
         )
         return slots, choice, no_speech_prob
 
-    def _step_impl(self, params, fixed, moving, tokens, source, reorder: bool, kv_len: int):
+    def _step_impl(self, params, fixed, moving, tokens, source, candidates, reorder: bool, kv_len: int):
         """`fixed` (cross keys/values, options) is only read; `moving` (self-attention cache,
         row state, positions) is donated and updated in place. Passing the large cross cache
         through as an output would make XLA copy it at every step. With `reorder`, row i first
         takes the cache and state of row source[i] (beams of one window share its audio, so
-        the cross cache needs no reordering)."""
+        the cross cache needs no reordering). Only the first kv_len cache positions are moved:
+        no live row has keys past them, and every later position is written before it is read."""
         (cross_k, cross_v, options), (self_k, self_v, state, position) = fixed, moving
         if reorder:
             take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
-            self_k, self_v = tuple(map(take, self_k)), tuple(map(take, self_v))
+            take_live = lambda x: x.at[:, :, :kv_len].set(take(x[:, :, :kv_len]))  # noqa: E731
+            self_k, self_v = tuple(map(take_live, self_k)), tuple(map(take_live, self_v))
             state, position = RowState(*map(take, state)), take(position)
         state = commit_tokens(state, tokens, self.vocab)
         cache = model.KVCache(self_k, self_v, cross_k, cross_v)
         logits, cache = model.decode(params, tokens[:, None], position, cache,
                                      jnp.zeros((self.n_slots, 1), jnp.int32), self.dims, kv_len=kv_len)
-        choice = choose_tokens(logits[:, 0], state, options, self.vocab)
+        choice = choose_tokens(logits[:, 0], state, options, self.vocab, candidates)
         return (cache.self_k, cache.self_v, state, position + 1), choice
 
     def _align_impl(self, params, features, tokens):
@@ -223,9 +225,10 @@ class Programs:
         return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
-             length: int | None = None) -> tuple[Slots, "Choice"]:
+             length: int | None = None, candidates: bool = True) -> tuple[Slots, "Choice"]:
         """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
-        the longest sequence of a live row once these tokens are in (default: the context)."""
+        the longest sequence of a live row once these tokens are in (default: the context).
+        `candidates`: also propose each row's top tokens (beam search needs them)."""
         c = slots.cache
         fixed = (c.cross_k, c.cross_v, slots.options)
         moving = (c.self_k, c.self_v, slots.state, slots.position)
@@ -233,7 +236,7 @@ class Programs:
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
         kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
         (self_k, self_v, state, position), choice = self._step(self.params, fixed, moving, np.asarray(tokens, np.int32),
-                                                               src, reorder=reorder, kv_len=kv_len)
+                                                               src, np.bool_(candidates), reorder=reorder, kv_len=kv_len)
         slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
         return slots, Choice(*(np.asarray(x) for x in choice))
 

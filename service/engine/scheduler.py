@@ -302,8 +302,9 @@ class DecodeScheduler:
         reorder = bool((self._source != np.arange(len(self._source))).any())
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
+        beams = any(self._groups[slot].job.beam_size > 1 for slot in live)
         self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None,
-                                                 length=int(self._length[live].max()))
+                                                 length=int(self._length[live].max()), candidates=beams)
         self._source = np.arange(len(self._source), dtype=np.int32)
         groups = list({id(g): g for g in self._groups if g is not None}.values())
         self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
