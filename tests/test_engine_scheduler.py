@@ -56,3 +56,21 @@ def test_a_window_the_encoder_fails_on_fails_its_job_only(one_slot, tiny_engine)
     with pytest.raises(ValueError, match="Incompatible shapes"):
         bad.result(timeout=300)
     assert len(good.result(timeout=300).tokens) == 3
+
+
+def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
+    scheduler, prefix = one_slot
+    n_mels = tiny_engine.dims.n_mels
+    waiting = [Window(noise(n_mels, 10 + i)) for i in range(4)]
+    encoded_while_decoding: list[int] = []
+
+    def on_token(_token: int) -> None:
+        encoded_while_decoding.append(sum(w.features is not None for w in waiting))
+
+    first = DecodeJob(Window(noise(n_mels, 5)), prefix, 0, timestamps=False, sample_len=200, on_token=on_token)
+    scheduler.submit(first)
+    later = [scheduler.submit(DecodeJob(w, prefix, 0, timestamps=False, sample_len=2)) for w in waiting]
+    assert len(first.future.result(timeout=300).tokens) == 200
+    assert all(len(f.result(timeout=300).tokens) == 2 for f in later)
+    # One batch (a single slot here) of windows was encoded ahead, not the whole queue.
+    assert encoded_while_decoding[-1] == 1

@@ -9,7 +9,9 @@ long one and no request waits for another to finish.
 A second thread runs the encoder on submitted windows, so that while every slot is busy the
 next windows are encoded as the batch decodes (the encoder is compute-bound, a decode step
 mostly waits on memory). While a slot is free and the window that would fill it is being
-encoded, the batch waits for it instead: steps with empty slots would waste the device.
+encoded, the batch waits for it instead: steps with empty slots would waste the device. The
+encoder reads ahead at most one batch of windows, so a long queue does not hold its encoder
+outputs in memory.
 """
 from __future__ import annotations
 
@@ -180,7 +182,8 @@ class DecodeScheduler:
     def _encode_loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._to_encode or self._closed):
+                while not ((self._to_encode and (self._ahead() < self.programs.n_slots or self._filling()))
+                           or self._closed):
                     self._cv.wait()
                 if self._closed:
                     return
@@ -212,6 +215,8 @@ class DecodeScheduler:
                 detections = [d for d in self._detections if d.window.encoded]
                 self._detections = deque(d for d in self._detections if not d.window.encoded)
                 admitted = self._take_jobs()
+                if detections or admitted:
+                    self._cv.notify_all()  # the encoder may read further ahead
             try:
                 if detections:
                     self._detect(detections)
@@ -235,6 +240,11 @@ class DecodeScheduler:
     def _ready(self) -> bool:
         """Work whose window is encoded is waiting."""
         return bool(self._jobs and self._jobs[0].window.encoded) or any(d.window.encoded for d in self._detections)
+
+    def _ahead(self) -> int:
+        """Windows encoded and waiting for the batch."""
+        waiting = [j.window for j in self._jobs] + [d.window for d in self._detections]
+        return len({id(w) for w in waiting if w.features is not None})
 
     def _filling(self) -> bool:
         """A job that fits in the free slots is waiting for the encoder."""
