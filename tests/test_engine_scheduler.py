@@ -32,7 +32,8 @@ def noise(n_mels: int, seed: int, frames: int = 3000) -> np.ndarray:
 def test_the_next_window_is_encoded_while_the_batch_decodes(one_slot, tiny_engine):
     scheduler, prefix = one_slot
     n_mels = tiny_engine.dims.n_mels
-    scheduler.submit(DecodeJob(Window(noise(n_mels, 0)), prefix, 0, timestamps=False, sample_len=2)).result()  # compiled
+    warm = DecodeJob(Window(noise(n_mels, 0)), prefix, 0, timestamps=False, sample_len=2)
+    scheduler.submit(warm).result()  # compiles the programs
     waiting = Window(noise(n_mels, 2))
     seen_while_decoding: list[bool] = []
 
