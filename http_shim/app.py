@@ -13,7 +13,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import render
-from .backend import Backend, Call, Delta, ModelInfo, Request, SegmentEvent, Summary
+from .backend import DECODING_FIELDS, Backend, Call, Delta, ModelInfo, Request, SegmentEvent, Summary
 from .config import Config
 from .errors import APIError, bad_request
 from .forms import FieldEvent, FileData, FileEnd, FileStart, Params, _human, boundary_of, read_multipart
@@ -320,11 +320,7 @@ class Upload:
         return Request(task=p.task, model=model, language=p.language, prompt=p.prompt, temperature=p.temperature,
                        seed=p.seed, repetition_penalty=p.repetition_penalty, max_new_tokens=p.max_completion_tokens,
                        word_timestamps=p.word_timestamps, stream_deltas=p.stream, beam_size=beam_size,
-                       best_of=p.best_of, patience=p.patience, length_penalty=p.length_penalty,
-                       temperature_fallback=p.temperature_fallback,
-                       compression_ratio_threshold=p.compression_ratio_threshold,
-                       logprob_threshold=p.logprob_threshold, no_speech_threshold=p.no_speech_threshold,
-                       beam_field=beam_field)
+                       beam_field=beam_field, **{name: getattr(p, name) for name in DECODING_FIELDS})
 
     def _complete(self) -> bool:
         """Whether the fields so far make a request the service can take: patience waits for its beam

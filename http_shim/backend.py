@@ -43,6 +43,11 @@ class Request:
     beam_field: str = "beam_size"  # the form field that set beam_size (beam_size, n or use_beam_search)
 
 
+# Request fields that go to the service as they are, under the same name, when given (not None).
+DECODING_FIELDS = ("best_of", "patience", "length_penalty", "temperature_fallback", "compression_ratio_threshold",
+                   "logprob_threshold", "no_speech_threshold")
+
+
 @dataclass
 class Delta:
     text: str

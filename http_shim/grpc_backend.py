@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from dragoman.v1 import speech_pb2, speech_pb2_grpc
 
-from .backend import Delta, Event, ModelInfo, Request, SegmentEvent, Summary
+from .backend import DECODING_FIELDS, Delta, Event, ModelInfo, Request, SegmentEvent, Summary
 from .errors import APIError
 from .render import Result, Segment, Word
 
@@ -123,8 +123,7 @@ def _config(r: Request) -> speech_pb2.Config:
         cfg.repetition_penalty = r.repetition_penalty
     if r.max_new_tokens is not None:
         cfg.max_new_tokens = r.max_new_tokens
-    for name in ("beam_size", "best_of", "patience", "length_penalty", "temperature_fallback",
-                 "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+    for name in ("beam_size", *DECODING_FIELDS):
         value = getattr(r, name)
         if value is not None:  # NaN (a threshold turned off) goes as it is
             setattr(cfg, name, value)

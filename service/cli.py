@@ -90,7 +90,7 @@ def run_files(args: argparse.Namespace, task: str) -> int:
     enable_compilation_cache()
     try:
         engine = Engine.load(args.model, max_batch=args.max_batch, dtype=args.dtype)
-        options.validate(engine.languages if engine.tokenizer.is_multilingual else None)
+        engine.validate(options)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -207,10 +207,7 @@ class _Call:
         search = {}  # beam search and best-of; unset fields keep TranscribeOptions' defaults
         for name in ("beam_size", "best_of"):
             if c.HasField(name):
-                n = search[name] = getattr(c, name)
-                if self.engine.max_batch < n <= 10:  # beyond 10, validate() names the range
-                    raise invalid_argument(f"config.{name}", f"{name} must be at most the server's batch size "
-                                           f"{self.engine.max_batch}, got {n}")
+                search[name] = getattr(c, name)
         for name in ("patience", "length_penalty"):
             if c.HasField(name):
                 search[name] = _decimal(getattr(c, name))  # NaN fails validate()'s range check
@@ -232,7 +229,7 @@ class _Call:
                 repetition_penalty=c.repetition_penalty if c.HasField("repetition_penalty") else 1.0,
                 max_new_tokens=c.max_new_tokens if c.HasField("max_new_tokens") else None,
                 timestamps=True, mode=mode, word_timestamps=words, **search)
-            options.validate(self.engine.languages if self.engine.tokenizer.is_multilingual else None)
+            self.engine.validate(options)
         except ValueError as e:
             raise invalid_argument(_option_field(str(e)), str(e)) from None
 

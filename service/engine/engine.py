@@ -118,7 +118,7 @@ class Engine:
         on_progress gets the seconds of audio done. Raises ValueError for bad options and
         concurrent.futures.CancelledError once `cancel` is set.
         """
-        self._validate(options)
+        self.validate(options)
         run = _Run(self, options, cancel, on_segment, on_progress)
         if isinstance(audio, np.ndarray):
             audio = [audio.astype(np.float32, copy=False).reshape(-1)]
@@ -126,11 +126,15 @@ class Engine:
             return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in audio]))
         return run.batched(audio)
 
-    def _validate(self, options: TranscribeOptions) -> None:
+    def validate(self, options: TranscribeOptions) -> None:
+        """Raises ValueError, naming the field first, for options this engine cannot take: those
+        TranscribeOptions.validate refuses, a language the model does not know, and more beams or
+        best-of candidates than the batch has rows."""
         options.validate(self.languages if self.tokenizer.is_multilingual else None)
-        rows = max(options.beam_size or 1, options.best_of or 1)
-        if rows > self.max_batch:
-            raise ValueError(f"beam_size and best_of must be at most the batch size {self.max_batch}, got {rows}")
+        for name in ("beam_size", "best_of"):
+            rows = getattr(options, name)
+            if rows is not None and rows > self.max_batch:
+                raise ValueError(f"{name} must be at most the batch size {self.max_batch}, got {rows}")
 
     def detect_language(self, mel: np.ndarray) -> dict[str, float]:
         """Probability of each language, from one 30 s window of log-mel features."""
@@ -143,7 +147,7 @@ class Engine:
     def decode(self, mel: np.ndarray, options: TranscribeOptions = TranscribeOptions()) -> tuple[WindowResult, str]:
         """Decode one 30 s window of log-mel features [n_mels, 3000] once, at the first of
         `options.temperatures`, as openai-whisper's `decode()`. Returns (result, language)."""
-        self._validate(options)
+        self.validate(options)
         run = _Run(self, options, None, None, None)
         window = Window(np.asarray(mel, np.float32))
         run._detect(window)
