@@ -99,19 +99,22 @@ def apply_timestamp_rules(logits: jax.Array, state: RowState, opts: RowOptions, 
 
 
 def apply_rules(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary) -> jax.Array:
-    logits = apply_repetition_penalty(logits, state.seen, opts.repetition_penalty)
+    """Every rule, in openai-whisper's order. A rule no row of the batch uses is skipped at run
+    time (each is a few passes over the vocabulary: a sizeable part of a small batch's step)."""
+    logits = jax.lax.cond(jnp.any(opts.repetition_penalty != 1), apply_repetition_penalty, lambda x, *_: x,
+                          logits, state.seen, opts.repetition_penalty)
     logits = suppress_blank(logits, state, vocab)
     logits = suppress_tokens(logits, vocab)
-    return apply_timestamp_rules(logits, state, opts, vocab)
+    return jax.lax.cond(jnp.any(opts.timestamps), apply_timestamp_rules, lambda x, *_: x, logits, state, opts, vocab)
 
 
 TOP_K = 11  # candidates handed out per row: enough for beam search of up to 10 beams
 
 
-def first_argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions:
-    XLA's CPU backend runs the paired value-and-index reduction of argmax 5-10x slower."""
-    top = x.max(-1, keepdims=True)
+def first_argmax(x: jax.Array, top: jax.Array | None = None) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum `top`), as two plain
+    reductions: XLA's CPU backend runs the paired value-and-index reduction of argmax 5-10x slower."""
+    top = x.max(-1, keepdims=True) if top is None else top
     ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where(x == top, ids, x.shape[-1] - 1), axis=-1)
 
@@ -123,7 +126,10 @@ def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: V
     the top k are what beam search chooses from, computed only when `candidates` is true
     (zeros otherwise: the search over the vocabulary costs as much as the rules)."""
     logits = apply_rules(logits, state, opts, vocab)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    # Log-probabilities through their normaliser: the chosen tokens need one number per row, not a
+    # second array over the vocabulary.
+    top = logits.max(-1, keepdims=True)
+    log_norm = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
 
     def sample(_):
         keys = jax.vmap(jax.random.fold_in)(opts.key, state.n_sampled)
@@ -133,17 +139,17 @@ def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: V
     # Drawing the noise costs a sixth of a CPU step: only when some row samples.
     sampled = jax.lax.cond(jnp.any(opts.temperature > 0), sample,
                            lambda _: jnp.zeros(logits.shape[0], jnp.int32), None)
-    tokens = jnp.where(opts.temperature > 0, sampled, first_argmax(logits)).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    tokens = jnp.where(opts.temperature > 0, sampled, first_argmax(logits, top)).astype(jnp.int32)
+    chosen = (jnp.take_along_axis(logits, tokens[:, None], axis=-1) - log_norm)[:, 0]
 
-    def top(_):
-        values, ids = jax.lax.top_k(logprobs, TOP_K)
-        return values, ids.astype(jnp.int32)
+    def top_candidates(_):
+        values, ids = jax.lax.top_k(logits, TOP_K)
+        return values - log_norm, ids.astype(jnp.int32)
 
     def none(_):
-        return jnp.zeros((logits.shape[0], TOP_K), logprobs.dtype), jnp.zeros((logits.shape[0], TOP_K), jnp.int32)
+        return jnp.zeros((logits.shape[0], TOP_K), logits.dtype), jnp.zeros((logits.shape[0], TOP_K), jnp.int32)
 
-    top_logprobs, top_tokens = jax.lax.cond(jnp.asarray(candidates), top, none, None)
+    top_logprobs, top_tokens = jax.lax.cond(jnp.asarray(candidates), top_candidates, none, None)
     return tokens, chosen, top_logprobs, top_tokens
 
 
