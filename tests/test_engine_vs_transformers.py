@@ -21,12 +21,19 @@ def random_mel(n_mels: int, batch: int = 2) -> np.ndarray:
     return (np.random.default_rng(5).standard_normal((batch, n_mels, 3000)) * 0.5).astype(np.float32)
 
 
+# How the encoder's attention is cut: all heads, 500 queries at a time (accelerators); one head at
+# a time (CPU); and chunks that do not divide the heads or the queries (attention then uncut).
+CHUNKS = [model.Chunks(), model.Chunks(heads=1, queries=None), model.Chunks(heads=2, queries=300),
+          model.Chunks(heads=5, queries=7)]
+
+
 @pytest.mark.parametrize("fixture", ARCHS)
-def test_encoder_output_matches_transformers(fixture, request):
+@pytest.mark.parametrize("chunks", CHUNKS, ids=str)
+def test_encoder_output_matches_transformers(fixture, chunks, request):
     directory, hf = request.getfixturevalue(fixture)
     params, dims = load(directory)
     mel = random_mel(dims.n_mels)
-    ours = np.asarray(model.encode(params, jnp.asarray(mel), dims))
+    ours = np.asarray(model.encode(params, jnp.asarray(mel), dims, chunks))
     with torch.inference_mode():
         ref = hf.model.encoder(torch.from_numpy(mel)).last_hidden_state.numpy()
     assert ours.shape == ref.shape == (2, dims.n_audio_ctx, dims.n_audio_state)

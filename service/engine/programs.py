@@ -77,13 +77,16 @@ class Programs:
         self.n_slots = n_slots
         self.dtype = params["decoder"]["token_embedding"].dtype
         self.batch_sizes = batch_buckets(n_slots)
-        # On CPU the encoder is fastest one window at a time (its activations stay in cache).
-        self.encode_sizes = (1,) if jax.default_backend() == "cpu" else self.batch_sizes
+        # On CPU the encoder is fastest one window at a time and its attention one head at a time
+        # (activations and scores stay in cache: a sixth less time than all eight heads of base).
+        cpu = jax.default_backend() == "cpu"
+        self.encode_sizes = (1,) if cpu else self.batch_sizes
+        chunks = model.Chunks(heads=1, queries=None) if cpu else model.Chunks()
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
         self.kv_sizes = tuple(sorted({n for n in (64, 128, 256) if n < dims.n_text_ctx} | {dims.n_text_ctx}))
         self.language_ids = jnp.asarray(language_ids, jnp.int32)
-        self._encode = jax.jit(partial(model.encode, dims=dims))
+        self._encode = jax.jit(partial(model.encode, dims=dims, chunks=chunks))
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
