@@ -1,11 +1,12 @@
 """The scheduler's encoder thread: windows are encoded while others decode, and a window the
-encoder fails on fails its own jobs only."""
+encoder fails on fails its own jobs only. On CPU, the encoder and the decoder on lanes of
+their own cores."""
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 
+from service.engine.lanes import SWITCH, cpu_lanes, split_cores
 from service.engine.programs import Programs
 from service.engine.rules import Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
@@ -75,3 +76,70 @@ def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
     assert all(len(f.result(timeout=300).tokens) == 2 for f in later)
     # One batch (a single slot here) of windows was encoded ahead, not the whole queue.
     assert encoded_while_decoding[-1] == 1
+
+
+def test_lanes_give_the_decoder_a_quarter_of_the_cores_and_at_least_one():
+    assert split_cores({0, 1}) == ({1}, {0})
+    assert split_cores(set(range(8))) == (set(range(2, 8)), {0, 1})
+    assert split_cores({4, 5, 6}) == ({5, 6}, {4})
+
+
+lanes_only = pytest.mark.skipif(cpu_lanes() is None, reason="CPU lanes need a CPU backend and at least two cores")
+
+
+@lanes_only
+def test_lanes_decode_the_same_tokens_as_one_pool(tiny_engine, monkeypatch):
+    """Greedy, beam and sampled jobs, batched together, give the same tokens whether the
+    encoder and the decoder run on cores of their own or share every core."""
+    tok = tiny_engine.tokenizer
+    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe]
+    n_mels = tiny_engine.dims.n_mels
+
+    def decode_all(programs: Programs) -> list[list[int]]:
+        scheduler = DecodeScheduler(programs, tok)
+        try:
+            jobs = [DecodeJob(Window(noise(n_mels, 20)), prefix, 2, sample_len=30),
+                    DecodeJob(Window(noise(n_mels, 21)), prefix, 2, sample_len=30, beam_size=3),
+                    DecodeJob(Window(noise(n_mels, 22)), prefix, 2, temperature=0.8, key=(7, 1), sample_len=30)]
+            return [scheduler.submit(j).result(timeout=300).tokens for j in jobs]
+        finally:
+            scheduler.close()
+
+    args = (tiny_engine.programs.params, tiny_engine.dims, tiny_engine.programs.vocab, 6,
+            list(tok.language_tokens.values()))
+    with_lanes = Programs(*args)
+    monkeypatch.setenv(SWITCH, "off")
+    one_pool = Programs(*args)
+    assert with_lanes.lanes is not None and one_pool.lanes is None
+    assert decode_all(with_lanes) == decode_all(one_pool)
+
+
+@lanes_only
+def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
+    """Two windows for an idle batch: the encoder takes one, and the decoder, which would
+    otherwise wait for it, encodes the other on its own cores."""
+    tok = tiny_engine.tokenizer
+    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, tiny_engine.programs.vocab, 2,
+                        list(tok.language_tokens.values()))
+    lanes = programs.lanes
+    devices = []
+    encode = programs.encode
+
+    def recording_encode(mel, device=None):
+        devices.append(device)
+        return encode(mel, device)
+
+    programs.encode = recording_encode
+    programs.warmup(tok.sot, tok.is_multilingual)
+    devices.clear()
+    scheduler = DecodeScheduler(programs, tok)
+    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    n_mels = tiny_engine.dims.n_mels
+    try:
+        with scheduler._cv:  # both windows are waiting before either thread looks
+            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, 30 + i)), prefix, 0, timestamps=False,
+                                                  sample_len=3)) for i in range(2)]
+        assert all(len(f.result(timeout=300).tokens) == 3 for f in futures)
+    finally:
+        scheduler.close()
+    assert sorted(map(id, devices)) == sorted(map(id, [lanes.encode, lanes.decode]))

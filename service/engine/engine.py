@@ -23,7 +23,7 @@ from .alignment import add_word_timestamps, alignment_heads, find_alignment
 from .dims import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SECONDS_PER_TOKEN, ModelDimensions
 from .programs import Programs
 from .results import Segment, TranscribeOptions, Transcription
-from .rules import RowOptions, Vocabulary
+from .rules import Vocabulary
 from .scheduler import DecodeJob, DecodeOutput, DecodeScheduler, Window
 from .segments import WindowResult, compression_ratio, split_segments
 from .tokenizer import WhisperTokenizer
@@ -86,24 +86,11 @@ class Engine:
         """Compile every program at every batch and prefix bucket, so no request pays for it."""
         t0 = time.perf_counter()
         p = self.programs
-        slots = p.empty_slots()
-        for size in p.batch_sizes:  # encodes at every encoder bucket on the way
-            feats = p.encode(np.zeros((size, self.dims.n_mels, N_FRAMES), np.float32))
-            if self.tokenizer.is_multilingual:
-                p.detect_language(feats, self.tokenizer.sot)
-            options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
-                                 np.ones(size, np.float32), np.zeros((size, 2), np.uint32))
-            for width in p.prefix_sizes:
-                prefixes = [[self.tokenizer.sot] * min(width, self.dims.n_text_ctx)] * size
-                slots, *_ = p.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0)
-        for length in p.kv_sizes:  # and the reordering step of beam search
-            slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32), length=length)
-            slots, _ = p.step(slots, np.zeros(p.n_slots, np.int32), np.arange(p.n_slots), length=length)
-        for width in p.align_sizes:  # word timestamps
-            p.align(feats[0], [self.tokenizer.sot] * width)
+        p.warmup(self.tokenizer.sot, self.tokenizer.is_multilingual)
         features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
-        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets in %.1f s",
-                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes), time.perf_counter() - t0)
+        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets on %d device(s) in %.1f s",
+                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes), len(p.decode_devices),
+                 time.perf_counter() - t0)
 
     # ---- transcription --------------------------------------------------------------------
 

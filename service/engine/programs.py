@@ -15,9 +15,13 @@ The programs propose tokens; the host decides (a sampled row takes its choice, b
 picks among each row's top candidates), and the next step feeds the decision in.
 - `align`: teacher-forced tokens of one window -> cross-attention scores of the alignment heads
   and token probabilities, for word timestamps.
+
+On CPU each program runs on one of the lanes of lanes.py (the caller says which); elsewhere on
+JAX's default device, or split over a mesh of local devices.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import NamedTuple
 
@@ -27,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import model
-from .dims import ModelDimensions
+from .dims import N_FRAMES, ModelDimensions
+from .lanes import cpu_lanes
 from .rules import RowOptions, RowState, Vocabulary, choose_tokens, commit_tokens
 
 
@@ -71,7 +76,17 @@ class Programs:
         self.mesh = Mesh(np.array(devices), ("batch",)) if len(devices) > 1 and n_slots % len(devices) == 0 else None
         if self.mesh is not None:
             params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        # On CPU: the encoder on cores of its own, the decoder's programs beside it (lanes.py).
+        self.lanes = lanes = cpu_lanes() if self.mesh is None else None
         self.params = params
+        # The devices each side may run on (None: JAX's default device, or the mesh), and the
+        # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home`.
+        self.encode_devices = (None,) if lanes is None else (lanes.encode, lanes.decode)
+        self.decode_devices = (None,) if lanes is None else (lanes.decode, lanes.wide)
+        self.home = None if lanes is None else lanes.wide
+        self._params_on = {None: params}
+        if lanes is not None:
+            self._params_on.update({d: jax.device_put(params, d) for d in (lanes.decode, lanes.encode, lanes.wide)})
         self.dims = dims
         self.vocab = vocab
         self.n_slots = n_slots
@@ -167,6 +182,41 @@ class Programs:
 
     # ---- host-side entry points -----------------------------------------------------------
 
+    def warmup(self, sot: int, detect_language: bool) -> None:
+        """Compile every program at every bucket, on every device it may run on: the encoder and
+        each device's decoder programs on threads of their own (compiling is most of the time)."""
+        d = self.dims
+
+        def encoder_on(device) -> None:
+            for size in self.encode_sizes:
+                self.encode(np.zeros((size, d.n_mels, N_FRAMES), np.float32), device)
+
+        def decoder_on(device) -> None:
+            slots = self.empty_slots()
+            for size in self.batch_sizes:
+                feats = self._place(jnp.zeros((size, d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
+                if detect_language:
+                    self.detect_language(feats, sot, device)
+                options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
+                                     np.ones(size, np.float32), np.zeros((size, 2), np.uint32))
+                for width in self.prefix_sizes:
+                    prefixes = [[sot] * min(width, d.n_text_ctx)] * size
+                    slots, *_ = self.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0, device)
+            for length in self.kv_sizes:  # and the reordering step of beam search
+                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), length=length, device=device)
+                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), np.arange(self.n_slots), length=length,
+                                     device=device)
+
+        def aligner() -> None:  # word timestamps
+            feats = self._place(jnp.zeros((d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
+            for width in self.align_sizes if self.alignment_heads else ():
+                self.align(feats, [sot] * width)
+
+        work = [partial(encoder_on, x) for x in self.encode_devices] + [partial(decoder_on, x) for x in self.decode_devices]
+        with ThreadPoolExecutor(len(work) + 1, thread_name_prefix="warmup") as pool:
+            for done in [pool.submit(w) for w in work + [aligner]]:
+                done.result()
+
     def empty_slots(self) -> Slots:
         n, d = self.n_slots, self.dims
         sk, sv = model.empty_self_cache(d, n, self.dtype)
@@ -181,24 +231,27 @@ class Programs:
             slots = jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
         return slots
 
-    def encode(self, mel: np.ndarray | jax.Array) -> jax.Array:
-        """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets."""
+    def encode(self, mel: np.ndarray | jax.Array, device: jax.Device | None = None) -> jax.Array:
+        """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets, computed on `device`
+        (one of `encode_devices`; default the first) and left on `home`."""
+        device = device or self.encode_devices[0]
+        params = self._params_on[device]
         k = mel.shape[0]
         largest = self.encode_sizes[-1]
         parts = []
         for i in range(0, k, largest):
-            chunk = jnp.asarray(mel[i : i + largest])
+            chunk = self._place(mel[i : i + largest], device)
             size = bucket(chunk.shape[0], self.encode_sizes)
-            parts.append(self._encode(self.params, self._pad_rows(chunk, size))[: chunk.shape[0]])
+            parts.append(self._place(self._encode(params, self._pad_rows(chunk, size))[: chunk.shape[0]], self.home))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
-    def detect_language(self, features: jax.Array, sot: int) -> np.ndarray:
+    def detect_language(self, features: jax.Array, sot: int, device: jax.Device | None = None) -> np.ndarray:
         k = features.shape[0]
-        padded = self._pad_rows(features, bucket(k, self.batch_sizes))
-        return np.asarray(self._detect(self.params, padded, jnp.int32(sot)))[:k]
+        padded = self._place(self._pad_rows(features, bucket(k, self.batch_sizes)), device)
+        return np.asarray(self._detect(self._params_on[device], padded, jnp.int32(sot)))[:k]
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
-              slot_ids: list[int], options: RowOptions, no_speech: int):
+              slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None):
         """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
@@ -214,7 +267,8 @@ class Programs:
         ids[:k] = slot_ids
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
         slots, choice, no_speech_prob = self._admit(
-            self.params, slots, self._pad_rows(features, size), prefix, length, sot, ids, options, jnp.int32(no_speech))
+            self._params_on[device], self._place(slots, device), self._place(self._pad_rows(features, size), device),
+            prefix, length, sot, ids, options, jnp.int32(no_speech))
         return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -227,19 +281,30 @@ class Programs:
         scores, probs = self._align(self.params, features[None], padded)
         return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
+    def place(self, slots: Slots, device: jax.Device | None) -> Slots:
+        """The slots on `device`, one of `decode_devices` (CPU lanes share memory: nothing is copied)."""
+        return self._place(slots, device)
+
+    @staticmethod
+    def _place(tree, device: jax.Device | None):
+        return tree if device is None else jax.device_put(tree, device)
+
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
-             length: int | None = None, candidates: bool = True) -> tuple[Slots, "Choice"]:
+             length: int | None = None, candidates: bool = True,
+             device: jax.Device | None = None) -> tuple[Slots, "Choice"]:
         """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
         the longest sequence of a live row once these tokens are in (default: the context).
-        `candidates`: also propose each row's top tokens (beam search needs them)."""
+        `candidates`: also propose each row's top tokens (beam search needs them). `device`:
+        one of `decode_devices`, where the slots are (see `place`)."""
         c = slots.cache
         fixed = (c.cross_k, c.cross_v, slots.options)
         moving = (c.self_k, c.self_v, slots.state, slots.position)
         reorder = source is not None
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
         kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
-        (self_k, self_v, state, position), choice = self._step(self.params, fixed, moving, np.asarray(tokens, np.int32),
-                                                               src, np.bool_(candidates), reorder=reorder, kv_len=kv_len)
+        (self_k, self_v, state, position), choice = self._step(self._params_on[device], fixed, moving,
+                                                               np.asarray(tokens, np.int32), src, np.bool_(candidates),
+                                                               reorder=reorder, kv_len=kv_len)
         slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
         return slots, Choice(*(np.asarray(x) for x in choice))
 

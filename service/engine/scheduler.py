@@ -9,9 +9,10 @@ long one and no request waits for another to finish.
 A second thread runs the encoder on submitted windows, so that while every slot is busy the
 next windows are encoded as the batch decodes (the encoder is compute-bound, a decode step
 mostly waits on memory). While a slot is free and the window that would fill it is being
-encoded, the batch waits for it instead: steps with empty slots would waste the device. The
-encoder reads ahead at most one batch of windows, so a long queue does not hold its encoder
-outputs in memory.
+encoded, the batch waits for it instead: steps with empty slots would waste the device. Where
+the decoder has cores of its own (CPU lanes, lanes.py), it encodes a waiting window itself
+rather than wait. The encoder reads ahead at most one batch of windows, so a long queue does
+not hold its encoder outputs in memory.
 """
 from __future__ import annotations
 
@@ -127,6 +128,8 @@ class DecodeScheduler:
         self._source = np.arange(programs.n_slots, dtype=np.int32)  # the row each slot takes (beams)
         self._length = np.zeros(programs.n_slots, np.int64)  # tokens in each slot's cache
         self._slots: Slots | None = None
+        self._slots_on = None  # the device the slots are on
+        self._encoder_busy = False  # the encoder thread is encoding
         self._to_encode: deque[Window] = deque()
         self._encoding: set[Window] = set()  # queued for the encoder or being encoded
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
@@ -180,43 +183,62 @@ class DecodeScheduler:
     # ---- the encoder thread --------------------------------------------------------------
 
     def _encode_loop(self) -> None:
+        device = self.programs.encode_devices[0]
         while True:
             with self._cv:
-                while not ((self._to_encode and (self._ahead() < self.programs.n_slots or self._filling()))
-                           or self._closed):
+                while not (self._may_encode() or self._closed):
                     self._cv.wait()
                 if self._closed:
                     return
-                largest = self.programs.encode_sizes[-1]
-                chunk = [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
-            try:
-                features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]))
-                features.block_until_ready()  # encoded means computed: the decode thread never waits on it
-                outcome = [(features[j], None) for j in range(len(chunk))]
-            except Exception as e:  # the windows' jobs fail, the server serves on
-                log.exception("encoding failed")
-                outcome = [(None, e)] * len(chunk)
+                chunk = self._take_windows()
+                self._encoder_busy = True
+            self._encode(chunk, device)
             with self._cv:
-                for w, (f, error) in zip(chunk, outcome):
-                    w.features, w.error = f, error
-                    self._encoding.discard(w)
-                self._cv.notify_all()
+                self._encoder_busy = False
+
+    def _may_encode(self) -> bool:  # with self._cv held
+        return bool(self._to_encode) and (self._ahead() < self.programs.n_slots or self._filling())
+
+    def _take_windows(self) -> list[Window]:  # with self._cv held
+        largest = self.programs.encode_sizes[-1]
+        return [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
+
+    def _encode(self, chunk: list[Window], device) -> None:
+        try:
+            features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]), device)
+            features.block_until_ready()  # encoded means computed: the decode thread never waits on it
+            outcome = [(features[j], None) for j in range(len(chunk))]
+        except Exception as e:  # the windows' jobs fail, the server serves on
+            log.exception("encoding failed")
+            outcome = [(None, e)] * len(chunk)
+        with self._cv:
+            for w, (f, error) in zip(chunk, outcome):
+                w.features, w.error = f, error
+                self._encoding.discard(w)
+            self._cv.notify_all()
 
     # ---- the scheduler thread ------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._ready() or (self._active() and not self._filling()) or self._closed):
+                while not (self._ready() or (self._active() and not self._filling()) or self._helps_encoder()
+                           or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(SchedulerClosed("the engine is shutting down"))
                     return
                 detections = [d for d in self._detections if d.window.encoded]
                 self._detections = deque(d for d in self._detections if not d.window.encoded)
-                admitted = self._take_jobs()
+                # The batch would wait for the encoder: with cores of its own, encode a window too
+                # (windows ready meanwhile are admitted together once it has caught up).
+                to_encode = self._take_windows() if not detections and self._helps_encoder() else []
+                admitted = [] if to_encode else self._take_jobs()
                 if detections or admitted:
                     self._cv.notify_all()  # the encoder may read further ahead
+            if to_encode:
+                self._encode(to_encode, self.programs.encode_devices[-1])  # the decoder's own cores
+                continue
             try:
                 if detections:
                     self._detect(detections)
@@ -233,6 +255,17 @@ class DecodeScheduler:
                         d.future.set_exception(e)
                 self._fail_rows(e, admitted)
                 self._slots = None
+
+    def _helps_encoder(self) -> bool:  # with self._cv held
+        """The decoder has cores of its own (CPU lanes), the batch would wait for the encoder,
+        and a window is waiting to be encoded."""
+        return len(self.programs.encode_devices) > 1 and self._filling() and self._may_encode()
+
+    def _device(self):
+        """Where the decoder's programs run: with CPU lanes, on the decoder's own cores while the
+        encoder thread encodes, on every core while it does not."""
+        narrow, wide = self.programs.decode_devices[0], self.programs.decode_devices[-1]
+        return narrow if self._encoder_busy else wide
 
     def _active(self) -> bool:
         return any(g is not None for g in self._groups)
@@ -278,7 +311,8 @@ class DecodeScheduler:
         detections = [d for d in detections if d.window.error is None]
         for i in range(0, len(detections), self.programs.n_slots):
             chunk = detections[i : i + self.programs.n_slots]
-            probs = self.programs.detect_language(jnp.stack([d.window.features for d in chunk]), self.tokenizer.sot)
+            probs = self.programs.detect_language(jnp.stack([d.window.features for d in chunk]), self.tokenizer.sot,
+                                                  self._device())
             for d, p in zip(chunk, probs):
                 d.future.set_result(p)
 
@@ -289,6 +323,7 @@ class DecodeScheduler:
         groups = [_Group(j, [next(free) for _ in range(j.rows)], float("nan"), [_Sequence() for _ in range(j.rows)])
                   for j in jobs]
         rows = [(g, r) for g in groups for r in range(len(g.slots))]
+        device = self._device()
         options = RowOptions(
             np.array([g.job.temperature for g, _ in rows], np.float32),
             np.array([g.job.timestamps for g, _ in rows], bool),
@@ -298,7 +333,9 @@ class DecodeScheduler:
         )
         self._slots, choice, no_speech = self.programs.admit(
             self._slots, jnp.stack([g.job.window.features for g, _ in rows]), [g.job.prefix for g, _ in rows],
-            [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0)
+            [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0,
+            device)
+        self._slots_on = device
         by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
         for g in groups:
             self._length[g.slots] = len(g.job.prefix)
@@ -313,8 +350,11 @@ class DecodeScheduler:
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
         beams = any(self._groups[slot].job.beam_size > 1 for slot in live)
+        device = self._device()
+        if device != self._slots_on:
+            self._slots, self._slots_on = self.programs.place(self._slots, device), device
         self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None,
-                                                 length=int(self._length[live].max()), candidates=beams)
+                                                 length=int(self._length[live].max()), candidates=beams, device=device)
         self._source = np.arange(len(self._source), dtype=np.int32)
         groups = list({id(g): g for g in self._groups if g is not None}.values())
         self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
