@@ -222,8 +222,8 @@ class DecodeScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._ready() or (self._active() and not self._filling()) or self._helps_encoder()
-                           or self._closed):
+                while not (self._detections_ready() or ((self._admissible() or self._active()) and not self._filling())
+                           or self._helps_encoder() or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(SchedulerClosed("the engine is shutting down"))
@@ -233,7 +233,9 @@ class DecodeScheduler:
                 # The batch would wait for the encoder: with cores of its own, encode a window too
                 # (windows ready meanwhile are admitted together once it has caught up).
                 to_encode = self._take_windows() if not detections and self._helps_encoder() else []
-                admitted = [] if to_encode else self._take_jobs()
+                # While the batch waits for the encoder anyway, the windows ready so far wait too, to
+                # be admitted together (with CPU lanes: on every core, once the encoder is done).
+                admitted = [] if to_encode or self._filling() else self._take_jobs()
                 if detections or admitted:
                     self._cv.notify_all()  # the encoder may read further ahead
             if to_encode:
@@ -270,9 +272,12 @@ class DecodeScheduler:
     def _active(self) -> bool:
         return any(g is not None for g in self._groups)
 
-    def _ready(self) -> bool:
-        """Work whose window is encoded is waiting."""
-        return bool(self._jobs and self._jobs[0].window.encoded) or any(d.window.encoded for d in self._detections)
+    def _admissible(self) -> bool:
+        """The next job's window is encoded."""
+        return bool(self._jobs and self._jobs[0].window.encoded)
+
+    def _detections_ready(self) -> bool:
+        return any(d.window.encoded for d in self._detections)
 
     def _ahead(self) -> int:
         """Windows encoded and waiting for the batch."""
