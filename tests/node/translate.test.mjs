@@ -96,8 +96,15 @@ test('beam search with the fallback off decodes at temperature 0 only', async ()
   const segments = events.filter((e) => e.event === 'segment').map((e) => e.segment);
   assert.ok(segments.length > 0);
   assert.ok(segments.every((s) => s.temperature === 0));
-  const again = await translate(config, wav());
-  assert.deepEqual(again.filter((e) => e.event === 'segment').map((e) => e.segment), segments);
+  const again = (await translate(config, wav())).filter((e) => e.event === 'segment').map((e) => e.segment);
+  // The same tokens, text and times; scores to float precision, as a kernel's sum may be ordered
+  // differently on another set of CPU threads.
+  const scores = ['avg_logprob', 'compression_ratio', 'no_speech_prob'];
+  const exact = (s) => Object.fromEntries(Object.entries(s).filter(([k]) => !scores.includes(k)));
+  assert.deepEqual(again.map(exact), segments.map(exact));
+  again.forEach((s, i) => scores.forEach((k) => {
+    assert.ok(Math.abs(s[k] - segments[i][k]) <= 1e-5 * Math.max(1, Math.abs(segments[i][k])), k);
+  }));
 });
 
 test('ListModels names the served model and its alias', async () => {
