@@ -10,6 +10,9 @@ The engine runs its real path: compiled programs driven by the continuous-batchi
 
 With --peers-script, the peer script is run first in the same invocation (it writes the random
 model to --model-dir's parent, in Hugging Face layout) and a table of ratios is printed.
+
+The engine runs on tcmalloc where it is installed, as the server does (service/allocator.py); the
+peers run on the C library's malloc, as they do out of the box, unless --peers-malloc tcmalloc.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from service.allocator import in_use, use_tcmalloc  # noqa: E402
 
 
 def features(n: int, n_mels: int, seed: int = 0) -> np.ndarray:
@@ -133,9 +137,13 @@ def main() -> None:
     ap.add_argument("--size", default="base", choices=SIZES,
                     help="architecture of the random model (built when --model-dir has none) and of the peers")
     ap.add_argument("--peers", default="hf,ct2,ct2-int8,openai")
+    ap.add_argument("--peers-malloc", choices=("system", "tcmalloc"), default="system",
+                    help="the peers' allocator: the C library's, as they run out of the box (default), or tcmalloc, "
+                         "as the engine runs (CTranslate2 gains much from it)")
     ap.add_argument("--beam-size", type=int, default=1,
                     help="> 1: time beam search (the engine's greedy run and CTranslate2's beam search beside it)")
     a = ap.parse_args()
+    use_tcmalloc()  # as the server runs
 
     peers = {}
     if not a.peers_script and not (Path(a.model_dir) / "config.json").exists():
@@ -144,7 +152,14 @@ def main() -> None:
         out = str(Path(a.model_dir).parent)
         cmd = [sys.executable, a.peers_script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
                "--tokens", str(a.tokens), "--out", out, "--peers", a.peers]
-        text = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if a.peers_malloc == "system":
+            env.pop("LD_PRELOAD", None)
+        elif not in_use():
+            sys.exit("--peers-malloc tcmalloc: tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+        else:
+            env["LD_PRELOAD"] = in_use()
+        text = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         peers = json.loads(text[text.index("{"):])["peers"]
     ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
     name = "dragoman-jax" if a.beam_size == 1 else f"dragoman-jax-beam{a.beam_size}"
@@ -157,6 +172,7 @@ def main() -> None:
     peers = {k: v for k, v in rows.items() if not k.startswith("dragoman")}
     fastest_peer = max((v["windows_per_s"] for v in peers.values()), default=None)
     print(json.dumps({"windows": a.windows, "batch": a.batch, "tokens": a.tokens, "cpus": os.cpu_count(),
+                      "malloc": in_use() or "the C library's", "peers_malloc": a.peers_malloc if peers else None,
                       "results": rows}, indent=1))
     print(f"\n{'':24}{'windows/s':>12}{'tokens/s':>12}{'dragoman x':>12}")
     for name, r in rows.items():

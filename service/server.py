@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dragoman.v1 import speech_pb2_grpc
 
+from . import allocator
 from .servicer import SERVICE_NAME, SpeechServicer
 from .settings import ServerConfig, add_server_arguments, config_from_args
 
@@ -187,7 +188,8 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
             t0 = time.perf_counter()
             engine = Engine.load(model, max_batch=max_batch, dtype=dtype)
             engine.warmup()
-            log.info("model %s ready in %.1f s", model, time.perf_counter() - t0)
+            log.info("model %s ready in %.1f s (malloc: %s)", model, time.perf_counter() - t0,
+                     allocator.in_use() or "the C library's")
             loop.call_soon_threadsafe(_settle, ready, engine, None)
         except BaseException as e:
             loop.call_soon_threadsafe(_settle, ready, None, e)

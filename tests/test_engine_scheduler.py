@@ -84,6 +84,14 @@ def test_lanes_give_the_decoder_a_quarter_of_the_cores_and_at_least_one():
     assert split_cores({4, 5, 6}) == ({5, 6}, {4})
 
 
+def test_the_lanes_switch_takes_on_or_off(monkeypatch):
+    monkeypatch.setenv(SWITCH, "of")
+    with pytest.raises(ValueError, match=r"DRAGOMAN_CPU_LANES='of' is not one of on, off"):
+        cpu_lanes()
+    monkeypatch.setenv(SWITCH, "off")
+    assert cpu_lanes() is None
+
+
 lanes_only = pytest.mark.skipif(cpu_lanes() is None, reason="CPU lanes need a CPU backend and at least two cores")
 
 

@@ -156,7 +156,8 @@ def test_deadline_exceeded(server, tiny_engine, wav):
 def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
     """`python -m service serve`: NOT_SERVING while the model loads and compiles, SERVING after,
     and on SIGTERM the call in flight completes, new calls are refused, and it exits 0."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DRAGOMAN_MALLOC")},
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model",
                              str(tiny_model[0]), "--max-batch", "1", "--port", "0"],
@@ -174,6 +175,7 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         assert health_of(port) == NOT_SERVING  # warm-up compiles for a while
         wait_for(lambda: health_of(port) == SERVING, timeout=300, interval=0.2)
+        assert any(re.search(r"ready in .* \(malloc: \S*libtcmalloc", line) for line in lines), "".join(lines)
 
         release = threading.Event()
 

@@ -85,7 +85,10 @@ def _lanes(encode_cores: frozenset[int], decode_cores: frozenset[int]) -> Lanes 
 def cpu_lanes() -> Lanes | None:
     """The process's lanes, or None where they do not apply: another backend, several local
     devices (the batch is split over them instead), a single core, or DRAGOMAN_CPU_LANES=off."""
-    if os.environ.get(SWITCH, "").lower() in ("off", "0", "false", "no"):
+    switch = os.environ.get(SWITCH, "on")
+    if switch not in ("on", "off"):
+        raise ValueError(f"{SWITCH}={switch!r} is not one of on, off")
+    if switch == "off":
         return None
     if jax.default_backend() != "cpu" or len(jax.local_devices()) != 1 or not hasattr(os, "sched_getaffinity"):
         return None
