@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.allocator import in_use, use_tcmalloc  # noqa: E402
+from service.allocator import in_use, tcmalloc_library, use_tcmalloc  # noqa: E402
 
 
 def features(n: int, n_mels: int, seed: int = 0) -> np.ndarray:
@@ -153,12 +153,12 @@ def main() -> None:
         cmd = [sys.executable, a.peers_script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
                "--tokens", str(a.tokens), "--out", out, "--peers", a.peers]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if a.peers_malloc == "system":
+        if a.peers_malloc == "system":  # whatever this process was started with
             env.pop("LD_PRELOAD", None)
-        elif not in_use():
+        elif tcmalloc_library() is None:
             sys.exit("--peers-malloc tcmalloc: tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
         else:
-            env["LD_PRELOAD"] = in_use()
+            env["LD_PRELOAD"] = tcmalloc_library()
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         peers = json.loads(text[text.index("{"):])["peers"]
     ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
@@ -172,7 +172,7 @@ def main() -> None:
     peers = {k: v for k, v in rows.items() if not k.startswith("dragoman")}
     fastest_peer = max((v["windows_per_s"] for v in peers.values()), default=None)
     print(json.dumps({"windows": a.windows, "batch": a.batch, "tokens": a.tokens, "cpus": os.cpu_count(),
-                      "malloc": in_use() or "the C library's", "peers_malloc": a.peers_malloc if peers else None,
+                      "malloc": in_use(), "peers_malloc": a.peers_malloc if peers else None,
                       "results": rows}, indent=1))
     print(f"\n{'':24}{'windows/s':>12}{'tokens/s':>12}{'dragoman x':>12}")
     for name, r in rows.items():

@@ -25,10 +25,10 @@ def preload_environment(environ: Mapping[str, str],
     """The environment to execute this command again with, or None to go on as it is."""
     choice = environ.get(VARIABLE, "tcmalloc")
     if choice not in CHOICES:
-        raise SystemExit(f"error: {VARIABLE}={choice!r} is not one of {', '.join(CHOICES)}")
+        raise ValueError(f"{VARIABLE}={choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "system" or not sys.platform.startswith("linux") or environ.get("LD_PRELOAD"):
         return None
-    library = find(LIBRARY)
+    library = find(LIBRARY)  # by its soname, as the loader finds it
     if library is None:
         return None
     # tcmalloc reports each allocation over 1 GiB on stderr (a large model's weights make some): not news.
@@ -36,18 +36,33 @@ def preload_environment(environ: Mapping[str, str],
 
 
 def use_tcmalloc() -> None:
-    """Execute this process's command line again on tcmalloc, where it is installed and not yet in use."""
-    environment = preload_environment(os.environ)
+    """Execute this process's command line again on tcmalloc, where it is installed and not yet in use.
+    Only a program started from a file, a module or -c can be started again: not an interactive
+    session or a script read from stdin."""
+    if sys.argv[0] in ("", "-"):
+        return
+    try:
+        environment = preload_environment(os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # a usage error, as the command line reports its own
     if environment is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
 
 
-def in_use() -> str | None:
-    """The malloc this process runs on, where it is not the C library's: the mapped tcmalloc file."""
+def in_use() -> str:
+    """The malloc this process runs on, in words: the tcmalloc file mapped, or what LD_PRELOAD names, or
+    the C library's."""
     try:
         with open("/proc/self/maps") as maps:
-            return next((line.split()[-1] for line in maps if "libtcmalloc" in line), None)
+            mapped = next((line.split()[-1] for line in maps if "libtcmalloc" in line), None)
     except OSError:
-        return None
+        mapped = None
+    return mapped or os.environ.get("LD_PRELOAD") or "the C library's"
+
+
+def tcmalloc_library() -> str | None:
+    """The tcmalloc the loader would preload, where it is installed."""
+    return ctypes.util.find_library(LIBRARY)

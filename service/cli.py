@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .audio import AudioError, decode_audio
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
+from .engine.lanes import lanes_wanted
 from .languages import language_code
 
 DEFAULT_MODEL = "openai/whisper-large-v3"
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
     server.add_serve_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        lanes_wanted()  # a bad setting is named before a model loads
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return server.serve_from_args(args)

@@ -188,8 +188,7 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
             t0 = time.perf_counter()
             engine = Engine.load(model, max_batch=max_batch, dtype=dtype)
             engine.warmup()
-            log.info("model %s ready in %.1f s (malloc: %s)", model, time.perf_counter() - t0,
-                     allocator.in_use() or "the C library's")
+            log.info("model %s ready in %.1f s (malloc: %s)", model, time.perf_counter() - t0, allocator.in_use())
             loop.call_soon_threadsafe(_settle, ready, engine, None)
         except BaseException as e:
             loop.call_soon_threadsafe(_settle, ready, None, e)

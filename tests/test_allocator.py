@@ -12,7 +12,7 @@ import pytest
 from service.allocator import LIBRARY, preload_environment
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = "import os; from service.allocator import use_tcmalloc, in_use; use_tcmalloc(); print(os.getpid(), in_use())"
+REPORT = "import os; from service.allocator import use_tcmalloc, in_use; use_tcmalloc(); print(os.getpid(), in_use(), sep='|')"
 
 
 def found(name: str) -> str:
@@ -38,25 +38,27 @@ def test_without_tcmalloc_the_process_goes_on_as_it_is():
 
 
 def test_an_unknown_allocator_is_an_error_naming_the_choices():
-    with pytest.raises(SystemExit, match=r"DRAGOMAN_MALLOC='jemalloc' is not one of tcmalloc, system"):
+    with pytest.raises(ValueError, match=r"DRAGOMAN_MALLOC='jemalloc' is not one of tcmalloc, system"):
         preload_environment({"DRAGOMAN_MALLOC": "jemalloc"}, found)
 
 
-def report(**env: str) -> tuple[int, str]:
+def report(**env: str) -> str:
     environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DRAGOMAN_MALLOC")}
     proc = subprocess.Popen([sys.executable, "-c", REPORT], cwd=ROOT, env={**environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    pid, library = out.split()
+    pid, library = out.strip().split("|")
     assert int(pid) == proc.pid  # executed again in place: a supervisor's signals still reach it
-    return int(pid), library
+    return library
 
 
 def test_a_command_runs_again_on_tcmalloc_once_and_in_place():
     assert ctypes.util.find_library(LIBRARY), \
         "gperftools' tcmalloc is needed for this test: apt-get install libtcmalloc-minimal4 (.ci/run does)"
-    _, library = report()
+    library = report()
     assert "libtcmalloc_minimal" in library and Path(library).exists()
-    _, library = report(DRAGOMAN_MALLOC="system")
-    assert library == "None"
+    library = report(DRAGOMAN_MALLOC="system")
+    assert library == "the C library's"
+    library = report(LD_PRELOAD="libc.so.6")  # the user's choice, named
+    assert library == "libc.so.6"

@@ -34,8 +34,8 @@ def write_audio(path, seconds: float, fmt: str, codec: str, rate: int = 44100):
     return path
 
 
-def run_cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off"}
+def run_cli(*args, **environ):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off", **environ}
     return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -78,6 +78,13 @@ def test_unknown_language_and_missing_model_are_clear_errors(tiny_model, files):
     assert r.returncode == 2 and "unknown language 'klingon'" in r.stderr
     r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [("DRAGOMAN_CPU_LANES", "maybe", "'maybe' is not one of on, off"),
+                                                  ("DRAGOMAN_MALLOC", "jemalloc", "'jemalloc' is not one of tcmalloc, system")])
+def test_a_bad_setting_is_named_before_a_model_loads(files, name, value, message):
+    r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model", **{name: value})
+    assert r.returncode == 2 and f"{name}={message}" in r.stderr and "does not exist" not in r.stderr
 
 
 def test_decoding_controls_reach_the_engine(tiny_model, files):

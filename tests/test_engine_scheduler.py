@@ -3,6 +3,8 @@ encoder fails on fails its own jobs only. On CPU, the encoder and the decoder on
 their own cores."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,37 @@ def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
     assert all(len(f.result(timeout=300).tokens) == 2 for f in later)
     # One batch (a single slot here) of windows was encoded ahead, not the whole queue.
     assert encoded_while_decoding[-1] == 1
+
+
+def test_a_freed_slot_wakes_the_encoder(tiny_engine, monkeypatch):
+    """One slot on one pool of threads: A decodes; B waits to be encoded, and behind it F, whose
+    window is encoded already (as a fallback attempt's is) and so counts as read ahead, which
+    holds the encoder back while the slot is taken. When A ends, the encoder must encode B."""
+    monkeypatch.setenv(SWITCH, "off")
+    tok = tiny_engine.tokenizer
+    vocab = Vocabulary.of(tok, tiny_engine.dims.n_vocab)
+    suppress = vocab.suppress.copy()
+    suppress[tok.eot] = True
+    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, vocab._replace(suppress=suppress), 1,
+                        list(tok.language_tokens.values()))
+    scheduler = DecodeScheduler(programs, tok)
+    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    n_mels = tiny_engine.dims.n_mels
+    try:
+        encoded = Window(noise(n_mels, 30))
+        scheduler.submit(DecodeJob(encoded, prefix, 0, timestamps=False, sample_len=2)).result(timeout=300)
+        first = Window(noise(n_mels, 31))
+        a = scheduler.submit(DecodeJob(first, prefix, 0, timestamps=False, sample_len=40))
+        deadline = time.monotonic() + 60
+        while not first.encoded:  # so that B is not encoded together with it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        b = scheduler.submit(DecodeJob(Window(noise(n_mels, 32)), prefix, 0, timestamps=False, sample_len=2))
+        f = scheduler.submit(DecodeJob(encoded, prefix, 0, timestamps=False, sample_len=2))
+        assert len(a.result(timeout=300).tokens) == 40
+        assert len(b.result(timeout=60).tokens) == 2 and len(f.result(timeout=60).tokens) == 2
+    finally:
+        scheduler.close()
 
 
 def test_lanes_give_the_decoder_a_quarter_of_the_cores_and_at_least_one():

@@ -88,9 +88,9 @@ class Engine:
         p = self.programs
         p.warmup(self.tokenizer.sot, self.tokenizer.is_multilingual)
         features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
-        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets on %d device(s) in %.1f s",
-                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes), len(p.decode_devices),
-                 time.perf_counter() - t0)
+        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets%s in %.1f s",
+                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes),
+                 "" if p.lanes is None else " for each CPU lane", time.perf_counter() - t0)
 
     # ---- transcription --------------------------------------------------------------------
 

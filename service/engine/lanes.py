@@ -38,8 +38,6 @@ class Lanes:
     encode: jax.Device
     decode: jax.Device
     wide: jax.Device
-    encode_cores: frozenset[int]
-    decode_cores: frozenset[int]
 
 
 def split_cores(cores: set[int]) -> tuple[frozenset[int], frozenset[int]]:
@@ -75,20 +73,24 @@ def client_on(cores: frozenset[int]) -> jax.Device:
 def _lanes(encode_cores: frozenset[int], decode_cores: frozenset[int]) -> Lanes | None:
     # Once per process: every engine in it shares the pools.
     try:
-        return Lanes(client_on(encode_cores), client_on(decode_cores), jax.local_devices()[0], encode_cores,
-                     decode_cores)
+        return Lanes(client_on(encode_cores), client_on(decode_cores), jax.local_devices()[0])
     except OSError as e:  # the cores cannot be pinned here (a restricted container): one pool
         log.warning("CPU lanes unavailable (%s): the encoder and the decoder share every core", e)
         return None
 
 
+def lanes_wanted() -> bool:
+    """DRAGOMAN_CPU_LANES: on (the default) or off; anything else is a ValueError naming both."""
+    switch = os.environ.get(SWITCH, "on")
+    if switch.strip().lower() not in ("on", "off"):
+        raise ValueError(f"{SWITCH}={switch!r} is not one of on, off")
+    return switch.strip().lower() == "on"
+
+
 def cpu_lanes() -> Lanes | None:
     """The process's lanes, or None where they do not apply: another backend, several local
     devices (the batch is split over them instead), a single core, or DRAGOMAN_CPU_LANES=off."""
-    switch = os.environ.get(SWITCH, "on")
-    if switch not in ("on", "off"):
-        raise ValueError(f"{SWITCH}={switch!r} is not one of on, off")
-    if switch == "off":
+    if not lanes_wanted():
         return None
     if jax.default_backend() != "cpu" or len(jax.local_devices()) != 1 or not hasattr(os, "sched_getaffinity"):
         return None

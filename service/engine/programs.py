@@ -194,7 +194,7 @@ class Programs:
         def decoder_on(device) -> None:
             slots = self.empty_slots()
             for size in self.batch_sizes:
-                feats = self._place(jnp.zeros((size, d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
+                feats = self.place(jnp.zeros((size, d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
                 if detect_language:
                     self.detect_language(feats, sot, device)
                 options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
@@ -208,7 +208,7 @@ class Programs:
                                      device=device)
 
         def aligner() -> None:  # word timestamps
-            feats = self._place(jnp.zeros((d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
+            feats = self.place(jnp.zeros((d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
             for width in self.align_sizes if self.alignment_heads else ():
                 self.align(feats, [sot] * width)
 
@@ -240,14 +240,14 @@ class Programs:
         largest = self.encode_sizes[-1]
         parts = []
         for i in range(0, k, largest):
-            chunk = self._place(mel[i : i + largest], device)
+            chunk = self.place(mel[i : i + largest], device)
             size = bucket(chunk.shape[0], self.encode_sizes)
-            parts.append(self._place(self._encode(params, self._pad_rows(chunk, size))[: chunk.shape[0]], self.home))
+            parts.append(self.place(self._encode(params, self._pad_rows(chunk, size))[: chunk.shape[0]], self.home))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     def detect_language(self, features: jax.Array, sot: int, device: jax.Device | None = None) -> np.ndarray:
         k = features.shape[0]
-        padded = self._place(self._pad_rows(features, bucket(k, self.batch_sizes)), device)
+        padded = self.place(self._pad_rows(features, bucket(k, self.batch_sizes)), device)
         return np.asarray(self._detect(self._params_on[device], padded, jnp.int32(sot)))[:k]
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
@@ -267,7 +267,7 @@ class Programs:
         ids[:k] = slot_ids
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
         slots, choice, no_speech_prob = self._admit(
-            self._params_on[device], self._place(slots, device), self._place(self._pad_rows(features, size), device),
+            self._params_on[device], self.place(slots, device), self.place(self._pad_rows(features, size), device),
             prefix, length, sot, ids, options, jnp.int32(no_speech))
         return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
 
@@ -281,12 +281,10 @@ class Programs:
         scores, probs = self._align(self.params, features[None], padded)
         return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
 
-    def place(self, slots: Slots, device: jax.Device | None) -> Slots:
-        """The slots on `device`, one of `decode_devices` (CPU lanes share memory: nothing is copied)."""
-        return self._place(slots, device)
-
     @staticmethod
-    def _place(tree, device: jax.Device | None):
+    def place(tree, device: jax.Device | None):
+        """Arrays (slots, features) on `device`, or where they are for None (JAX's default). CPU
+        lanes share memory: nothing is copied."""
         return tree if device is None else jax.device_put(tree, device)
 
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,

@@ -130,8 +130,10 @@ class DecodeScheduler:
         self._slots: Slots | None = None
         self._slots_on = None  # the device the slots are on
         self._encoder_busy = False  # the encoder thread is encoding
+        self._freed = False  # slots were freed since the decode thread last held the lock
         self._to_encode: deque[Window] = deque()
         self._encoding: set[Window] = set()  # queued for the encoder or being encoded
+        self._started: set[Window] = set()  # being encoded
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
         self._encoder = threading.Thread(target=self._encode_loop, name="encoder", daemon=True)
         self._thread.start()
@@ -192,18 +194,19 @@ class DecodeScheduler:
                     return
                 chunk = self._take_windows()
                 self._encoder_busy = True
-            self._encode(chunk, device)
-            with self._cv:
-                self._encoder_busy = False
+                self._cv.notify_all()  # the decoder may encode the next window meanwhile
+            self._encode(chunk, device, by_encoder=True)
 
     def _may_encode(self) -> bool:  # with self._cv held
-        return bool(self._to_encode) and (self._ahead() < self.programs.n_slots or self._filling())
+        return bool(self._to_encode) and (self._ahead() < self.programs.n_slots or self._starved())
 
     def _take_windows(self) -> list[Window]:  # with self._cv held
         largest = self.programs.encode_sizes[-1]
-        return [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
+        chunk = [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
+        self._started.update(chunk)
+        return chunk
 
-    def _encode(self, chunk: list[Window], device) -> None:
+    def _encode(self, chunk: list[Window], device, by_encoder: bool = False) -> None:
         try:
             features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]), device)
             features.block_until_ready()  # encoded means computed: the decode thread never waits on it
@@ -215,6 +218,9 @@ class DecodeScheduler:
             for w, (f, error) in zip(chunk, outcome):
                 w.features, w.error = f, error
                 self._encoding.discard(w)
+                self._started.discard(w)
+            if by_encoder:
+                self._encoder_busy = False
             self._cv.notify_all()
 
     # ---- the scheduler thread ------------------------------------------------------------
@@ -222,6 +228,9 @@ class DecodeScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
+                if self._freed:  # a batch that now has room may be waiting for the encoder to read further
+                    self._freed = False
+                    self._cv.notify_all()
                 while not (self._detections_ready() or ((self._admissible() or self._active()) and not self._filling())
                            or self._helps_encoder() or self._closed):
                     self._cv.wait()
@@ -259,9 +268,9 @@ class DecodeScheduler:
                 self._slots = None
 
     def _helps_encoder(self) -> bool:  # with self._cv held
-        """The decoder has cores of its own (CPU lanes), the batch would wait for the encoder,
-        and a window is waiting to be encoded."""
-        return len(self.programs.encode_devices) > 1 and self._filling() and self._may_encode()
+        """The decoder has cores of its own (CPU lanes), and while the encoder is busy, the batch
+        has room for a window that waits to be encoded."""
+        return len(self.programs.encode_devices) > 1 and self._encoder_busy and self._starved()
 
     def _device(self):
         """Where the decoder's programs run: with CPU lanes, on the decoder's own cores while the
@@ -291,6 +300,18 @@ class DecodeScheduler:
             if job.rows > free:
                 return False
             if not job.window.encoded:
+                return True
+            free -= job.rows
+        return False
+
+    def _starved(self) -> bool:
+        """A job that fits in the free slots has a window that no one has begun to encode: it
+        is worth encoding beyond the read-ahead limit."""
+        free = sum(g is None for g in self._groups)
+        for job in self._jobs:
+            if job.rows > free:
+                return False
+            if not job.window.encoded and job.window not in self._started:
                 return True
             free -= job.rows
         return False
@@ -452,6 +473,7 @@ class DecodeScheduler:
         for slot in g.slots:
             self._groups[slot] = None
             self._source[slot] = slot
+        self._freed = True
 
     def _fail_rows(self, error: Exception, extra: list[DecodeJob]) -> None:
         for g in {id(g): g for g in self._groups if g is not None}.values():
