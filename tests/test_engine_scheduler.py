@@ -3,6 +3,7 @@ encoder fails on fails its own jobs only. On CPU, the encoder and the decoder on
 their own cores."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -155,15 +156,9 @@ def test_lanes_decode_the_same_tokens_as_one_pool(tiny_engine, monkeypatch):
     assert decode_all(with_lanes) == decode_all(one_pool)
 
 
-@lanes_only
-def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
-    """Two windows for an idle batch: the encoder takes one, and the decoder, which would
-    otherwise wait for it, encodes the other on its own cores."""
-    tok = tiny_engine.tokenizer
-    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, tiny_engine.programs.vocab, 2,
-                        list(tok.language_tokens.values()))
-    lanes = programs.lanes
-    devices = []
+def recording(programs: Programs) -> list:
+    """The devices `programs` encodes on from now on, in order."""
+    devices: list = []
     encode = programs.encode
 
     def recording_encode(mel, device=None):
@@ -171,16 +166,52 @@ def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
         return encode(mel, device)
 
     programs.encode = recording_encode
+    return devices
+
+
+@lanes_only
+def test_with_lanes_an_idle_batch_has_its_window_encoded_on_every_core(tiny_engine):
+    tok = tiny_engine.tokenizer
+    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, tiny_engine.programs.vocab, 2,
+                        list(tok.language_tokens.values()))
+    devices = recording(programs)
+    scheduler = DecodeScheduler(programs, tok)
+    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    try:
+        job = DecodeJob(Window(noise(tiny_engine.dims.n_mels, 29)), prefix, 0, timestamps=False, sample_len=3)
+        assert len(scheduler.submit(job).result(timeout=300).tokens) == 3
+    finally:
+        scheduler.close()
+    assert devices == [programs.lanes.wide]
+
+
+@lanes_only
+def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
+    """While a window decodes, two more arrive for the free slots: the encoder takes one on its
+    own cores, and the decoder, which would otherwise wait for it, encodes the other on its own."""
+    tok = tiny_engine.tokenizer
+    vocab = Vocabulary.of(tok, tiny_engine.dims.n_vocab)
+    suppress = vocab.suppress.copy()
+    suppress[tok.eot] = True  # the first window decodes all its tokens
+    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, vocab._replace(suppress=suppress), 3,
+                        list(tok.language_tokens.values()))
+    lanes = programs.lanes
     programs.warmup(tok.sot, tok.is_multilingual)
-    devices.clear()
+    devices = recording(programs)
     scheduler = DecodeScheduler(programs, tok)
     prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
     n_mels = tiny_engine.dims.n_mels
+    decoding = threading.Event()
     try:
+        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 30)), prefix, 0, timestamps=False, sample_len=100,
+                                           on_token=lambda _token: decoding.set()))
+        assert decoding.wait(300)
         with scheduler._cv:  # both windows are waiting before either thread looks
-            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, 30 + i)), prefix, 0, timestamps=False,
+            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, 31 + i)), prefix, 0, timestamps=False,
                                                   sample_len=3)) for i in range(2)]
         assert all(len(f.result(timeout=300).tokens) == 3 for f in futures)
+        assert len(first.result(timeout=300).tokens) == 100
     finally:
         scheduler.close()
-    assert sorted(map(id, devices)) == sorted(map(id, [lanes.encode, lanes.decode]))
+    assert devices[0] is lanes.wide  # nothing was decoding yet
+    assert sorted(map(id, devices[1:])) == sorted(map(id, [lanes.encode, lanes.decode]))

@@ -12,7 +12,8 @@ pool of that many threads, pinned to them. So on CPU the engine uses three clien
   the encoder on one core and the decoder on the other, a step takes 10.8 ms and the encoder
   0.67 s side by side);
 - `wide`: JAX's own client, every core, for the decoder's programs while the encoder has
-  nothing to do (a batch-8 step takes 20 ms there, 29 ms on one core).
+  nothing to do (a batch-8 step takes 20 ms there, 29 ms on one core), and for the encoder
+  when a lone window is all there is to do.
 
 Parameters and caches are shared, not copied: a CPU array put on another CPU client aliases its
 memory. Set DRAGOMAN_CPU_LANES=off to run everything on JAX's own client.

@@ -81,7 +81,7 @@ class Programs:
         self.params = params
         # The devices each side may run on (None: JAX's default device, or the mesh), and the
         # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home`.
-        self.encode_devices = (None,) if lanes is None else (lanes.encode, lanes.decode)
+        self.encode_devices = (None,) if lanes is None else (lanes.encode, lanes.decode, lanes.wide)
         self.decode_devices = (None,) if lanes is None else (lanes.decode, lanes.wide)
         self.home = None if lanes is None else lanes.wide
         self._params_on = {None: params}

@@ -130,6 +130,7 @@ class DecodeScheduler:
         self._slots: Slots | None = None
         self._slots_on = None  # the device the slots are on
         self._encoder_busy = False  # the encoder thread is encoding
+        self._encoder_wide = False  # on every core (CPU lanes)
         self._freed = False  # slots were freed since the decode thread last held the lock
         self._to_encode: deque[Window] = deque()
         self._encoding: set[Window] = set()  # queued for the encoder or being encoded
@@ -185,7 +186,7 @@ class DecodeScheduler:
     # ---- the encoder thread --------------------------------------------------------------
 
     def _encode_loop(self) -> None:
-        device = self.programs.encode_devices[0]
+        lanes = self.programs.lanes
         while True:
             with self._cv:
                 while not (self._may_encode() or self._closed):
@@ -193,6 +194,11 @@ class DecodeScheduler:
                 if self._closed:
                     return
                 chunk = self._take_windows()
+                # A lone window with nothing to decode gets every core (a call's first window is
+                # ready sooner); several are encoded faster side by side, one on each lane.
+                self._encoder_wide = (lanes is not None and not self._to_encode and not self._active()
+                                      and self._ahead() == 0)
+                device = None if lanes is None else lanes.wide if self._encoder_wide else lanes.encode
                 self._encoder_busy = True
                 self._cv.notify_all()  # the decoder may encode the next window meanwhile
             self._encode(chunk, device, by_encoder=True)
@@ -248,7 +254,7 @@ class DecodeScheduler:
                 if detections or admitted:
                     self._cv.notify_all()  # the encoder may read further ahead
             if to_encode:
-                self._encode(to_encode, self.programs.encode_devices[-1])  # the decoder's own cores
+                self._encode(to_encode, self.programs.lanes.decode)  # the decoder's own cores
                 continue
             try:
                 if detections:
@@ -268,15 +274,16 @@ class DecodeScheduler:
                 self._slots = None
 
     def _helps_encoder(self) -> bool:  # with self._cv held
-        """The decoder has cores of its own (CPU lanes), and while the encoder is busy, the batch
-        has room for a window that waits to be encoded."""
-        return len(self.programs.encode_devices) > 1 and self._encoder_busy and self._starved()
+        """The decoder has cores of its own (CPU lanes), and while the encoder is busy on its own,
+        the batch has room for a window that waits to be encoded."""
+        return (self.programs.lanes is not None and self._encoder_busy and not self._encoder_wide
+                and self._starved())
 
     def _device(self):
         """Where the decoder's programs run: with CPU lanes, on the decoder's own cores while the
         encoder thread encodes, on every core while it does not."""
-        narrow, wide = self.programs.decode_devices[0], self.programs.decode_devices[-1]
-        return narrow if self._encoder_busy else wide
+        lanes = self.programs.lanes
+        return None if lanes is None else lanes.decode if self._encoder_busy else lanes.wide
 
     def _active(self) -> bool:
         return any(g is not None for g in self._groups)
