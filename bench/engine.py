@@ -155,10 +155,10 @@ def main() -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if a.peers_malloc == "system":  # whatever this process was started with
             env.pop("LD_PRELOAD", None)
-        elif tcmalloc_library() is None:
+        elif (library := tcmalloc_library()) is None:
             sys.exit("--peers-malloc tcmalloc: tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
         else:
-            env["LD_PRELOAD"] = tcmalloc_library()
+            env["LD_PRELOAD"] = library
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         peers = json.loads(text[text.index("{"):])["peers"]
     ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)

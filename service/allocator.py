@@ -20,15 +20,20 @@ CHOICES = ("tcmalloc", "system")
 LIBRARY = "tcmalloc_minimal"  # Debian/Ubuntu: libtcmalloc-minimal4; Fedora: gperftools-libs
 
 
+def tcmalloc_library() -> str | None:
+    """The tcmalloc the loader would preload (by its soname, as the loader finds it), where it is installed."""
+    return ctypes.util.find_library(LIBRARY)
+
+
 def preload_environment(environ: Mapping[str, str],
-                        find: Callable[[str], str | None] = ctypes.util.find_library) -> dict[str, str] | None:
+                        find: Callable[[], str | None] = tcmalloc_library) -> dict[str, str] | None:
     """The environment to execute this command again with, or None to go on as it is."""
     choice = environ.get(VARIABLE, "tcmalloc")
     if choice not in CHOICES:
         raise ValueError(f"{VARIABLE}={choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "system" or not sys.platform.startswith("linux") or environ.get("LD_PRELOAD"):
         return None
-    library = find(LIBRARY)  # by its soname, as the loader finds it
+    library = find()
     if library is None:
         return None
     # tcmalloc reports each allocation over 1 GiB on stderr (a large model's weights make some): not news.
@@ -61,8 +66,3 @@ def in_use() -> str:
     except OSError:
         mapped = None
     return mapped or os.environ.get("LD_PRELOAD") or "the C library's"
-
-
-def tcmalloc_library() -> str | None:
-    """The tcmalloc the loader would preload, where it is installed."""
-    return ctypes.util.find_library(LIBRARY)

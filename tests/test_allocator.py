@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORT = "import os; from service.allocator import use_tcmalloc, in_use; use_tcmalloc(); print(os.getpid(), in_use(), sep='|')"
 
 
-def found(name: str) -> str:
-    return f"/lib/lib{name}.so.4"
+def found() -> str:
+    return f"/lib/lib{LIBRARY}.so.4"
 
 
 def test_tcmalloc_is_preloaded_by_default_and_other_settings_kept():
     env = preload_environment({"PATH": "/bin", "DRAGOMAN_MODEL": "m"}, found)
-    assert env["LD_PRELOAD"] == found(LIBRARY)
+    assert env["LD_PRELOAD"] == found()
     assert env["PATH"] == "/bin" and env["DRAGOMAN_MODEL"] == "m"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # no report per large weight array
     kept = preload_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1000"}, found)
@@ -34,7 +34,7 @@ def test_the_system_allocator_or_the_users_preload_is_kept(environ):
 
 
 def test_without_tcmalloc_the_process_goes_on_as_it_is():
-    assert preload_environment({}, lambda name: None) is None
+    assert preload_environment({}, lambda: None) is None
 
 
 def test_an_unknown_allocator_is_an_error_naming_the_choices():

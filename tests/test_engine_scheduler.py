@@ -15,17 +15,25 @@ from service.engine.rules import Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
 
 
+def endless(engine, n_slots: int) -> Programs:
+    """The engine's programs at `n_slots`, with a vocabulary that never ends a sequence early."""
+    tok = engine.tokenizer
+    vocab = Vocabulary.of(tok, engine.dims.n_vocab)
+    suppress = vocab.suppress.copy()
+    suppress[tok.eot] = True
+    return Programs(engine.programs.params, engine.dims, vocab._replace(suppress=suppress), n_slots,
+                    list(tok.language_tokens.values()))
+
+
+def english(tok) -> list[int]:
+    return [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+
+
 @pytest.fixture(scope="module")
 def one_slot(tiny_engine):
     """A scheduler with a single batch slot whose vocabulary never ends a sequence early."""
-    tok = tiny_engine.tokenizer
-    vocab = Vocabulary.of(tok, tiny_engine.dims.n_vocab)
-    suppress = vocab.suppress.copy()
-    suppress[tok.eot] = True
-    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, vocab._replace(suppress=suppress), 1,
-                        list(tok.language_tokens.values()))
-    scheduler = DecodeScheduler(programs, tok)
-    yield scheduler, [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    scheduler = DecodeScheduler(endless(tiny_engine, 1), tiny_engine.tokenizer)
+    yield scheduler, english(tiny_engine.tokenizer)
     scheduler.close()
 
 
@@ -86,14 +94,8 @@ def test_a_freed_slot_wakes_the_encoder(tiny_engine, monkeypatch):
     window is encoded already (as a fallback attempt's is) and so counts as read ahead, which
     holds the encoder back while the slot is taken. When A ends, the encoder must encode B."""
     monkeypatch.setenv(SWITCH, "off")
-    tok = tiny_engine.tokenizer
-    vocab = Vocabulary.of(tok, tiny_engine.dims.n_vocab)
-    suppress = vocab.suppress.copy()
-    suppress[tok.eot] = True
-    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, vocab._replace(suppress=suppress), 1,
-                        list(tok.language_tokens.values()))
-    scheduler = DecodeScheduler(programs, tok)
-    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    scheduler = DecodeScheduler(endless(tiny_engine, 1), tiny_engine.tokenizer)
+    prefix = english(tiny_engine.tokenizer)
     n_mels = tiny_engine.dims.n_mels
     try:
         encoded = Window(noise(n_mels, 30))
@@ -176,7 +178,7 @@ def test_with_lanes_an_idle_batch_has_its_window_encoded_on_every_core(tiny_engi
                         list(tok.language_tokens.values()))
     devices = recording(programs)
     scheduler = DecodeScheduler(programs, tok)
-    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    prefix = english(tok)
     try:
         job = DecodeJob(Window(noise(tiny_engine.dims.n_mels, 29)), prefix, 0, timestamps=False, sample_len=3)
         assert len(scheduler.submit(job).result(timeout=300).tokens) == 3
@@ -190,16 +192,12 @@ def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
     """While a window decodes, two more arrive for the free slots: the encoder takes one on its
     own cores, and the decoder, which would otherwise wait for it, encodes the other on its own."""
     tok = tiny_engine.tokenizer
-    vocab = Vocabulary.of(tok, tiny_engine.dims.n_vocab)
-    suppress = vocab.suppress.copy()
-    suppress[tok.eot] = True  # the first window decodes all its tokens
-    programs = Programs(tiny_engine.programs.params, tiny_engine.dims, vocab._replace(suppress=suppress), 3,
-                        list(tok.language_tokens.values()))
+    programs = endless(tiny_engine, 3)  # the first window decodes all its tokens
     lanes = programs.lanes
     programs.warmup(tok.sot, tok.is_multilingual)
     devices = recording(programs)
     scheduler = DecodeScheduler(programs, tok)
-    prefix = [tok.sot, tok.language_tokens["en"], tok.transcribe, tok.no_timestamps]
+    prefix = english(tok)
     n_mels = tiny_engine.dims.n_mels
     decoding = threading.Event()
     try:

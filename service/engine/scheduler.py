@@ -302,23 +302,20 @@ class DecodeScheduler:
 
     def _filling(self) -> bool:
         """A job that fits in the free slots is waiting for the encoder."""
-        free = sum(g is None for g in self._groups)
-        for job in self._jobs:
-            if job.rows > free:
-                return False
-            if not job.window.encoded:
-                return True
-            free -= job.rows
-        return False
+        return self._fitting_job_waits(lambda w: not w.encoded)
 
     def _starved(self) -> bool:
         """A job that fits in the free slots has a window that no one has begun to encode: it
         is worth encoding beyond the read-ahead limit."""
+        return self._fitting_job_waits(lambda w: not w.encoded and w not in self._started)
+
+    def _fitting_job_waits(self, waits) -> bool:
+        """Among the jobs that fit in the free slots, in order, one's window `waits`."""
         free = sum(g is None for g in self._groups)
         for job in self._jobs:
             if job.rows > free:
                 return False
-            if not job.window.encoded and job.window not in self._started:
+            if waits(job.window):
                 return True
             free -= job.rows
         return False
