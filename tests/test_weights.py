@@ -76,9 +76,9 @@ def test_bfloat16_load_keeps_values_to_bfloat16_precision(tiny_model, reference)
 
     ckpt = weights.resolve(str(tiny_model[0]))
     bf16 = weights.build_params(ckpt.tensors(), ckpt.dims, ml_dtypes.bfloat16)
-    a = dict(flat(bf16))["decoder/token_embedding"]
+    a = dict(flat(bf16))["decoder/token_embedding/kernel"]
     assert a.dtype == ml_dtypes.bfloat16
-    np.testing.assert_allclose(a.astype(np.float32), dict(flat(reference))["decoder/token_embedding"], rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(a.astype(np.float32), dict(flat(reference))["decoder/token_embedding/kernel"], rtol=1e-2, atol=1e-3)
 
 
 def test_truncated_safetensors_fail_with_the_file_named(tiny_model, tmp_path):

@@ -1,6 +1,9 @@
 """The Whisper network as pure JAX functions over an explicit parameter tree.
 
-Parameters follow openai-whisper's names; linear kernels are stored as [in, out]. The encoder's
+Parameters follow openai-whisper's names; linear kernels are stored as [in, out], and so is the
+token embedding, which the decoder's output projection reads whole at every step (the input
+lookup takes a few of its columns): on CPU that product is a third faster at a batch of 8 than
+with the embedding as [vocab, state]. The encoder's
 blocks are stacked (leading axis = layer) and run by one `lax.scan`: its layers are compute-bound,
 and a scan keeps programs small. The decoder's blocks are a list, unrolled: a decode step is
 memory-bound, and slicing one layer out of a stacked array (weights or caches) costs a copy of
@@ -173,7 +176,9 @@ def decode(
     p = params["decoder"]
     b, s = tokens.shape
     positions = start[:, None] + jnp.arange(s)[None, :]  # [B, S]
-    x = p["token_embedding"][tokens] + p["positional_embedding"][jnp.clip(positions, 0, dims.n_text_ctx - 1)]
+    embedding = p["token_embedding"]["kernel"]  # [state, vocab]
+    x = jnp.moveaxis(jnp.take(embedding, tokens, axis=1), 0, -1)
+    x = x + p["positional_embedding"][jnp.clip(positions, 0, dims.n_text_ctx - 1)]
     kv_len = kv_len or cache.self_k[0].shape[2]
     visible = jnp.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, kv_len]
     rows = jnp.arange(b)[:, None, None]
@@ -200,5 +205,5 @@ def decode(
         x = x + mlp(layer_norm(x, bp["mlp_ln"]), bp)
     x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     x = layer_norm(x, p["ln"])
-    logits = (x @ p["token_embedding"].T).astype(jnp.float32)
+    logits = (x @ embedding).astype(jnp.float32)
     return logits, KVCache(tuple(self_k), tuple(self_v), cache.cross_k, cache.cross_v)

@@ -90,7 +90,7 @@ class Programs:
         self.dims = dims
         self.vocab = vocab
         self.n_slots = n_slots
-        self.dtype = params["decoder"]["token_embedding"].dtype
+        self.dtype = params["decoder"]["token_embedding"]["kernel"].dtype
         self.batch_sizes = batch_buckets(n_slots)
         # On CPU the encoder is fastest one window at a time and its attention one head at a time
         # (activations and scores stay in cache: a sixth less time than all eight heads of base).

@@ -82,8 +82,8 @@ def _tree_path(name: str) -> tuple[tuple[str, ...], int | None, str]:
         return (side, "blocks", attn, proj, _LEAF[leaf]), layer, "linear"
     if name.endswith("positional_embedding"):
         return (name.split(".")[0], "positional_embedding"), None, "copy"
-    if name == "decoder.token_embedding.weight":
-        return ("decoder", "token_embedding"), None, "copy"
+    if name == "decoder.token_embedding.weight":  # [in, out] as the output projection reads it (model.py)
+        return ("decoder", "token_embedding", "kernel"), None, "linear"
     side, module, leaf = name.split(".")
     if module.startswith("conv"):
         return (side, module, _LEAF[leaf]), None, "conv" if leaf == "weight" else "copy"
