@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -35,49 +36,83 @@ def features(n: int, n_mels: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((n, n_mels, 3000)).astype(np.float32) * 0.5
 
 
-def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int,
-               beam_size: int = 1) -> dict:
-    import jax
+class EngineRun:
+    """The engine loaded and warmed up once for the benchmark's work; `time()` runs the work `reps`
+    times and returns the best."""
 
-    from service.engine import Engine
-    from service.engine.programs import Programs
-    from service.engine.rules import Vocabulary
-    from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
+    def __init__(self, model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int,
+                 beam_size: int = 1):
+        import jax
 
-    engine = Engine.load(model_dir, max_batch=batch * beam_size, dtype=dtype)  # a window takes beam_size rows
-    engine.close()  # its own scheduler is not used: the benchmark's vocabulary suppresses end-of-text
-    tok = engine.tokenizer
-    vocab = Vocabulary.of(tok, engine.dims.n_vocab)
-    suppress = vocab.suppress.copy()
-    suppress[tok.eot] = True
-    vocab = vocab._replace(suppress=suppress, blank=np.zeros_like(vocab.blank))
-    programs = Programs(engine.programs.params, engine.dims, vocab, batch * beam_size, list(tok.language_tokens.values()))
-    scheduler = DecodeScheduler(programs, tok)
-    prompt = [tok.sot, tok.language_tokens["en"], tok.translate, tok.no_timestamps]
-    feats = features(windows, engine.dims.n_mels)
+        from service.engine import Engine
+        from service.engine.programs import Programs
+        from service.engine.rules import Vocabulary
+        from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
 
-    def once() -> float:
+        self.windows, self.tokens, self.reps = windows, tokens, reps
+        engine = Engine.load(model_dir, max_batch=batch * beam_size, dtype=dtype)  # a window takes beam_size rows
+        engine.close()  # its own scheduler is not used: the benchmark's vocabulary suppresses end-of-text
+        tok = engine.tokenizer
+        vocab = Vocabulary.of(tok, engine.dims.n_vocab)
+        suppress = vocab.suppress.copy()
+        suppress[tok.eot] = True
+        vocab = vocab._replace(suppress=suppress, blank=np.zeros_like(vocab.blank))
+        programs = Programs(engine.programs.params, engine.dims, vocab, batch * beam_size,
+                            list(tok.language_tokens.values()))
+        self.scheduler = DecodeScheduler(programs, tok)
+        prompt = [tok.sot, tok.language_tokens["en"], tok.translate, tok.no_timestamps]
+        feats = features(windows, engine.dims.n_mels)
+        self.jobs = lambda: [DecodeJob(Window(feats[i]), prompt, 0, timestamps=False, sample_len=tokens,
+                                       beam_size=beam_size) for i in range(windows)]
         t0 = time.perf_counter()
-        jobs = [DecodeJob(Window(feats[i]), prompt, 0, timestamps=False, sample_len=tokens, beam_size=beam_size)
-                for i in range(windows)]
+        programs.warmup(tok.sot, tok.is_multilingual)  # every program at every bucket, as the server does
+        self.info = {"compile_s": round(time.perf_counter() - t0, 1), "first_run_s": round(self._once(), 2),
+                     "backend": jax.default_backend(), "dtype": str(engine.programs.dtype)}
+
+    def _once(self) -> float:
+        t0 = time.perf_counter()
+        jobs = self.jobs()
         for job in jobs:
-            scheduler.submit(job)
+            self.scheduler.submit(job)
         outs = [job.future.result() for job in jobs]
-        assert all(len(o.tokens) == tokens for o in outs), [len(o.tokens) for o in outs]
+        assert all(len(o.tokens) == self.tokens for o in outs), [len(o.tokens) for o in outs]
         return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    programs.warmup(tok.sot, tok.is_multilingual)  # every program at every bucket, as the server does
-    compile_s = time.perf_counter() - t0
-    first = once()
-    best = min(once() for _ in range(reps))
-    scheduler.close()
-    return {"seconds": round(best, 3), "windows_per_s": round(windows / best, 3),
-            "tokens_per_s": round(windows * tokens / best, 1), "compile_s": round(compile_s, 1),
-            "first_run_s": round(first, 2),
-            "backend": jax.default_backend(), "dtype": str(engine.programs.dtype),
-            "total_s": round(time.perf_counter() - t0, 1)}
+    def time(self) -> dict:
+        best = min(self._once() for _ in range(self.reps))
+        return {"seconds": round(best, 3), "windows_per_s": round(self.windows / best, 3),
+                "tokens_per_s": round(self.windows * self.tokens / best, 1), **self.info}
 
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int,
+               beam_size: int = 1) -> dict:
+    run = EngineRun(model_dir, windows, batch, tokens, dtype, reps, beam_size)
+    try:
+        return run.time()
+    finally:
+        run.close()
+
+
+def run_peers(script: str, a, peers: str) -> dict:
+    """The peer benchmark's results ({peer: {seconds, windows_per_s, tokens_per_s}}), run as a
+    subprocess on the allocator asked for."""
+    cmd = [sys.executable, script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
+           "--tokens", str(a.tokens), "--out", str(Path(a.model_dir).parent), "--peers", peers]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if a.peers_malloc == "system":  # whatever this process was started with
+        env.pop("LD_PRELOAD", None)
+    elif (library := tcmalloc_library()) is None:
+        sys.exit("--peers-malloc tcmalloc: tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+    else:
+        env["LD_PRELOAD"] = library
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(text[text.index("{"):])["peers"]
+
+
+PEER_FLAGS = {"hf-torch-fp32": "hf", "ct2-float32": "ct2", "ct2-int8": "ct2-int8", "openai-whisper-torch": "openai"}
 
 SIZES = {  # name: (d_model, encoder layers, decoder layers, heads, n_mels, vocab)
     "tiny": (384, 4, 4, 6, 80, 51865),
@@ -142,26 +177,32 @@ def main() -> None:
                          "as the engine runs (CTranslate2 gains much from it)")
     ap.add_argument("--beam-size", type=int, default=1,
                     help="> 1: time beam search (the engine's greedy run and CTranslate2's beam search beside it)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --peers-script, > 1: time the engine and the fastest peer again, one after the other, "
+                         "this many times in all, and report the ratio of each round and their median (on a "
+                         "machine whose speed drifts, paired rounds compare like with like)")
     a = ap.parse_args()
+    if a.rounds > 1 and (not a.peers_script or a.beam_size > 1):
+        ap.error("--rounds needs --peers-script and greedy decoding")
     use_tcmalloc()  # as the server runs
 
     peers = {}
     if not a.peers_script and not (Path(a.model_dir) / "config.json").exists():
         build_random_model(a.model_dir, a.size)
     if a.peers_script:
-        out = str(Path(a.model_dir).parent)
-        cmd = [sys.executable, a.peers_script, "--size", a.size, "--windows", str(a.windows), "--batch", str(a.batch),
-               "--tokens", str(a.tokens), "--out", out, "--peers", a.peers]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if a.peers_malloc == "system":  # whatever this process was started with
-            env.pop("LD_PRELOAD", None)
-        elif (library := tcmalloc_library()) is None:
-            sys.exit("--peers-malloc tcmalloc: tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
-        else:
-            env["LD_PRELOAD"] = library
-        text = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        peers = json.loads(text[text.index("{"):])["peers"]
-    ours = run_engine(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
+        peers = run_peers(a.peers_script, a, a.peers)
+    engine = EngineRun(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
+    ours = engine.time()
+    rounds = []
+    if a.rounds > 1 and peers:
+        fastest = max(peers, key=lambda k: peers[k]["windows_per_s"])
+        rounds.append({"dragoman": ours["windows_per_s"], fastest: peers[fastest]["windows_per_s"]})
+        for _ in range(a.rounds - 1):
+            peer = run_peers(a.peers_script, a, PEER_FLAGS[fastest])[fastest]["windows_per_s"]
+            rounds.append({"dragoman": engine.time()["windows_per_s"], fastest: peer})
+        for r in rounds:
+            r["ratio"] = round(r["dragoman"] / r[fastest], 3)
+    engine.close()
     name = "dragoman-jax" if a.beam_size == 1 else f"dragoman-jax-beam{a.beam_size}"
     rows = {name: ours, **peers}
     if a.beam_size > 1:
@@ -173,13 +214,16 @@ def main() -> None:
     fastest_peer = max((v["windows_per_s"] for v in peers.values()), default=None)
     print(json.dumps({"windows": a.windows, "batch": a.batch, "tokens": a.tokens, "cpus": os.cpu_count(),
                       "malloc": in_use(), "peers_malloc": a.peers_malloc if peers else None,
-                      "results": rows}, indent=1))
+                      "results": rows, **({"rounds": rounds} if rounds else {})}, indent=1))
     print(f"\n{'':24}{'windows/s':>12}{'tokens/s':>12}{'dragoman x':>12}")
     for name, r in rows.items():
         ratio = ours["windows_per_s"] / r["windows_per_s"]
         print(f"{name:24}{r['windows_per_s']:>12.3f}{r['tokens_per_s']:>12.1f}{ratio:>12.2f}")
     if fastest_peer:
         print(f"\ndragoman / fastest peer: {ours['windows_per_s'] / fastest_peer:.2f}x")
+    if rounds:
+        each = ", ".join(f"{r['ratio']:.2f}x" for r in rounds)
+        print(f"dragoman / {fastest} by round: {each}; median {statistics.median(r['ratio'] for r in rounds):.2f}x")
 
 
 if __name__ == "__main__":
