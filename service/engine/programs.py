@@ -8,6 +8,8 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `detect_language`: audio features -> probabilities of the language tokens.
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
   choice of the first token (and the no-speech probability, read at <|startoftranscript|>).
+- `copy_cross`: copy slots' cross-attention keys/values into others: a beam search is admitted
+  as one row and copied into its other beams (computing the keys/values once, not per beam).
 - `step`: feed every slot the token the host decided for it (optionally reordering rows first,
   for beam search) and choose the next: the one compiled decode step.
 
@@ -105,6 +107,7 @@ class Programs:
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
+        self._copy_cross = jax.jit(self._copy_cross_impl, donate_argnums=(0,))
         self.alignment_heads = list(alignment_heads)
         self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
         self._align = jax.jit(self._align_impl)
@@ -150,25 +153,35 @@ class Programs:
         )
         return slots, choice, no_speech_prob
 
-    def _step_impl(self, params, fixed, moving, tokens, source, candidates, reorder: bool, kv_len: int):
-        """`fixed` (cross keys/values, options) is only read; `moving` (self-attention cache,
-        row state, positions) is donated and updated in place. Passing the large cross cache
+    def _step_impl(self, params, cross, moving, tokens, source, candidates, reorder: bool, kv_len: int):
+        """`cross` (keys/values) is only read; `moving` (self-attention cache, row state and
+        options, positions) is donated and updated in place. Passing the large cross cache
         through as an output would make XLA copy it at every step. With `reorder`, row i first
-        takes the cache and state of row source[i] (beams of one window share its audio, so
-        the cross cache needs no reordering). Only the first kv_len cache positions are moved:
-        no live row has keys past them, and every later position is written before it is read."""
-        (cross_k, cross_v, options), (self_k, self_v, state, position) = fixed, moving
+        takes the cache, state and options of row source[i] (a beam takes over the one it
+        continues; beams of one window share its audio, so the cross cache needs no
+        reordering). Only the first kv_len cache positions are moved: no live row has keys
+        past them, and every later position is written before it is read."""
+        (cross_k, cross_v), (self_k, self_v, state, options, position) = cross, moving
         if reorder:
             take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
             take_live = lambda x: x.at[:, :, :kv_len].set(take(x[:, :, :kv_len]))  # noqa: E731
             self_k, self_v = tuple(map(take_live, self_k)), tuple(map(take_live, self_v))
-            state, position = RowState(*map(take, state)), take(position)
+            state, options, position = RowState(*map(take, state)), RowOptions(*map(take, options)), take(position)
         state = commit_tokens(state, tokens, self.vocab)
         cache = model.KVCache(self_k, self_v, cross_k, cross_v)
-        logits, cache = model.decode(params, tokens[:, None], position, cache,
-                                     jnp.zeros((self.n_slots, 1), jnp.int32), self.dims, kv_len=kv_len)
+        logits, cache = model.decode(params, tokens[:, None], position, cache, jnp.zeros((self.n_slots, 1), jnp.int32),
+                                     self.dims, kv_len=kv_len)
         choice = choose_tokens(logits[:, 0], state, options, self.vocab, candidates)
-        return (cache.self_k, cache.self_v, state, position + 1), choice
+        return (cache.self_k, cache.self_v, state, options, position + 1), choice
+
+    def _copy_cross_impl(self, cross, source, target, count):
+        """Row target[i] of every cross cache takes row source[i], for i < count: one row at a
+        time, in place (the donated cache is not copied; a gather of whole rows would be)."""
+        def copy_row(i, cross):
+            take = lambda x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+                x, jax.lax.dynamic_index_in_dim(x, source[i], keepdims=False), target[i], 0)
+            return jax.tree.map(take, cross)
+        return jax.lax.fori_loop(0, count, copy_row, cross)
 
     def _align_impl(self, params, features, tokens):
         ck, cv = model.cross_kv(params, features, self.dims)
@@ -202,6 +215,7 @@ class Programs:
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
                     slots, *_ = self.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0, device)
+            slots = self.copy_cross(slots, [], [], device)  # the beams' copies of a window's keys/values
             for length in self.kv_sizes:  # and the reordering step of beam search
                 slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), length=length, device=device)
                 slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), np.arange(self.n_slots), length=length,
@@ -271,6 +285,14 @@ class Programs:
             prefix, length, sot, ids, options, jnp.int32(no_speech))
         return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
 
+    def copy_cross(self, slots: Slots, source: list[int], target: list[int], device: jax.Device | None = None) -> Slots:
+        """Slots whose cross-attention keys/values are those of slot source[i], for each target[i]."""
+        pairs = np.zeros((2, self.n_slots), np.int32)
+        pairs[:, : len(source)] = source, target
+        c = self.place(slots.cache, device)
+        cross_k, cross_v = self._copy_cross((c.cross_k, c.cross_v), pairs[0], pairs[1], np.int32(len(source)))
+        return slots._replace(cache=c._replace(cross_k=cross_k, cross_v=cross_v))
+
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
         next-token probabilities [len(tokens), vocab] of one window's teacher-forced tokens."""
@@ -295,15 +317,14 @@ class Programs:
         `candidates`: also propose each row's top tokens (beam search needs them). `device`:
         one of `decode_devices`, where the slots are (see `place`)."""
         c = slots.cache
-        fixed = (c.cross_k, c.cross_v, slots.options)
-        moving = (c.self_k, c.self_v, slots.state, slots.position)
+        moving = (c.self_k, c.self_v, slots.state, slots.options, slots.position)
         reorder = source is not None
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
         kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
-        (self_k, self_v, state, position), choice = self._step(self._params_on[device], fixed, moving,
-                                                               np.asarray(tokens, np.int32), src, np.bool_(candidates),
-                                                               reorder=reorder, kv_len=kv_len)
-        slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, slots.options, position)
+        (self_k, self_v, state, options, position), choice = self._step(
+            self._params_on[device], (c.cross_k, c.cross_v), moving, np.asarray(tokens, np.int32), src,
+            np.bool_(candidates), reorder=reorder, kv_len=kv_len)
+        slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, options, position)
         return slots, Choice(*(np.asarray(x) for x in choice))
 
     @staticmethod

@@ -99,7 +99,7 @@ class _Group:
     job: DecodeJob
     slots: list[int]
     no_speech_prob: float
-    sequences: list[_Sequence]  # one per slot, in slot order
+    sequences: list[_Sequence]  # one per slot, in slot order (a beam search's first: one)
     finished: dict[tuple[int, ...], float] = field(default_factory=dict)  # beam search's ended hypotheses
 
 
@@ -347,12 +347,17 @@ class DecodeScheduler:
                 d.future.set_result(p)
 
     def _admit(self, jobs: list[DecodeJob]) -> None:
+        """Put the jobs' windows into free slots. A beam search begins as one hypothesis in its
+        first slot: the window's cross-attention keys/values are computed there once and copied
+        into the other beams' slots, and the first step's reordering gives them the rest."""
         if self._slots is None:
             self._slots = self.programs.empty_slots()
         free = iter([i for i, g in enumerate(self._groups) if g is None])
-        groups = [_Group(j, [next(free) for _ in range(j.rows)], float("nan"), [_Sequence() for _ in range(j.rows)])
-                  for j in jobs]
-        rows = [(g, r) for g in groups for r in range(len(g.slots))]
+        groups = []
+        for j in jobs:
+            slots = [next(free) for _ in range(j.rows)]
+            groups.append(_Group(j, slots, float("nan"), [_Sequence() for _ in range(1 if j.beam_size > 1 else j.rows)]))
+        rows = [(g, r) for g in groups for r in range(len(g.sequences))]
         device = self._device()
         options = RowOptions(
             np.array([g.job.temperature for g, _ in rows], np.float32),
@@ -365,6 +370,9 @@ class DecodeScheduler:
             self._slots, jnp.stack([g.job.window.features for g, _ in rows]), [g.job.prefix for g, _ in rows],
             [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0,
             device)
+        copies = [(g.slots[0], slot) for g in groups if g.job.beam_size > 1 for slot in g.slots[1:]]
+        if copies:
+            self._slots = self.programs.copy_cross(self._slots, *zip(*copies), device)
         self._slots_on = device
         by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
         for g in groups:
