@@ -89,6 +89,51 @@ def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
     assert encoded_while_decoding[-1] == 1
 
 
+def test_the_next_step_is_queued_before_the_host_hands_out_a_token(tiny_engine):
+    """A row fed by its own pick needs no host round trip: when the host hands out token i, the
+    step that computes token i + 1 is already queued; and no step is queued past the last token."""
+    programs = endless(tiny_engine, 1)
+    queued = [0]
+    step = programs.step
+
+    def counting_step(*args, **kwargs):
+        queued[0] += 1
+        return step(*args, **kwargs)
+
+    programs.step = counting_step
+    scheduler = DecodeScheduler(programs, tiny_engine.tokenizer)
+    seen: list[int] = []
+    try:
+        job = DecodeJob(Window(noise(tiny_engine.dims.n_mels, 40)), english(tiny_engine.tokenizer), 0,
+                        timestamps=False, sample_len=12, on_token=lambda _token: seen.append(queued[0]))
+        assert len(scheduler.submit(job).result(timeout=300).tokens) == 12
+    finally:
+        scheduler.close()
+    # Token 0 comes from the admission; token i from step i, handed out once step i + 1 is
+    # queued, except the last, after which no step is queued (it would be wasted).
+    assert seen == [0] + [i + 1 for i in range(1, 11)] + [11]
+    assert queued[0] == 11
+
+
+def test_windows_through_few_slots_with_steps_queued_ahead_decode_as_alone(tiny_engine):
+    """Six windows of different lengths through two slots: each end frees a slot while the next
+    step is already queued; a window is admitted into it only once that step is decided on."""
+    tok = tiny_engine.tokenizer
+    scheduler = DecodeScheduler(endless(tiny_engine, 2), tok)
+
+    def jobs() -> list[DecodeJob]:
+        return [DecodeJob(Window(noise(tiny_engine.dims.n_mels, 50 + s)), english(tok), 0, timestamps=False,
+                          sample_len=3 + 5 * s) for s in (2, 0, 5, 1, 4, 3)]
+
+    try:
+        alone = [scheduler.submit(job).result(timeout=300).tokens for job in jobs()]
+        together = [scheduler.submit(job) for job in jobs()]
+        assert [f.result(timeout=300).tokens for f in together] == alone
+    finally:
+        scheduler.close()
+    assert [len(t) for t in alone] == [13, 3, 28, 8, 23, 18]
+
+
 def test_a_freed_slot_wakes_the_encoder(tiny_engine, monkeypatch):
     """One slot on one pool of threads: A decodes; B waits to be encoded, and behind it F, whose
     window is encoded already (as a fallback attempt's is) and so counts as read ahead, which

@@ -45,6 +45,10 @@ class Choice(NamedTuple):
     top_logprobs: np.ndarray  # [rows, TOP_K], best first
     top_tokens: np.ndarray  # [rows, TOP_K]
 
+    def fetch(self) -> "Choice":
+        """The proposals on the host (waits for the program that computes them)."""
+        return Choice(*(np.asarray(x) for x in self))
+
 
 class Slots(NamedTuple):
     cache: model.KVCache
@@ -315,17 +319,22 @@ class Programs:
         """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
         the longest sequence of a live row once these tokens are in (default: the context).
         `candidates`: also propose each row's top tokens (beam search needs them). `device`:
-        one of `decode_devices`, where the slots are (see `place`)."""
+        one of `decode_devices`, where the slots are (see `place`).
+
+        Returns at once: the Choice holds device arrays, `fetch()` waits for them. `tokens` may
+        be the device array of the previous step's choice, so the next step can be queued
+        before the host has seen the last one's tokens."""
         c = slots.cache
         moving = (c.self_k, c.self_v, slots.state, slots.options, slots.position)
         reorder = source is not None
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
         kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
         (self_k, self_v, state, options, position), choice = self._step(
-            self._params_on[device], (c.cross_k, c.cross_v), moving, np.asarray(tokens, np.int32), src,
+            self._params_on[device], (c.cross_k, c.cross_v), moving,
+            self.place(tokens, device) if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32), src,
             np.bool_(candidates), reorder=reorder, kv_len=kv_len)
         slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, options, position)
-        return slots, Choice(*(np.asarray(x) for x in choice))
+        return slots, Choice(*choice)
 
     @staticmethod
     def _pad_rows(x: jax.Array, size: int) -> jax.Array:

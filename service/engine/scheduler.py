@@ -13,6 +13,14 @@ encoded, the batch waits for it instead: steps with empty slots would waste the 
 the decoder has cores of its own (CPU lanes, lanes.py), it encodes a waiting window itself
 rather than wait. The encoder reads ahead at most one batch of windows, so a long queue does
 not hold its encoder outputs in memory.
+
+Steps are queued one ahead: a row fed by the program's own pick (greedy or sampled; not beam
+search, whose host decides among candidates) needs no host round trip, so the next step is
+queued on the device with the last step's tokens, and the host reads and hands out the last
+step's tokens while it runs. The device never waits for the host's bookkeeping (or for the
+interpreter lock, which the server's other threads hold at times). A row that ended is fed
+one token more, which nothing reads; windows are admitted only once no step is queued, into
+slots the host knows to be free.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .programs import Programs, Slots
+from .programs import Choice, Programs, Slots
 from .rules import RowOptions
 from .tokenizer import WhisperTokenizer
 
@@ -128,6 +136,7 @@ class DecodeScheduler:
         self._source = np.arange(programs.n_slots, dtype=np.int32)  # the row each slot takes (beams)
         self._length = np.zeros(programs.n_slots, np.int64)  # tokens in each slot's cache
         self._slots: Slots | None = None
+        self._queued: Choice | None = None  # the proposals of a step queued ahead, not yet decided on
         self._slots_on = None  # the device the slots are on
         self._encoder_busy = False  # the encoder thread is encoding
         self._encoder_wide = False  # on every core (CPU lanes)
@@ -237,8 +246,8 @@ class DecodeScheduler:
                 if self._freed:  # a batch that now has room may be waiting for the encoder to read further
                     self._freed = False
                     self._cv.notify_all()
-                while not (self._detections_ready() or ((self._admissible() or self._active()) and not self._filling())
-                           or self._helps_encoder() or self._closed):
+                while not (self._queued is not None or self._detections_ready() or self._helps_encoder()
+                           or ((self._admissible() or self._active()) and not self._filling()) or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(SchedulerClosed("the engine is shutting down"))
@@ -253,10 +262,15 @@ class DecodeScheduler:
                 admitted = [] if to_encode or self._filling() else self._take_jobs()
                 if detections or admitted:
                     self._cv.notify_all()  # the encoder may read further ahead
-            if to_encode:
-                self._encode(to_encode, self.programs.lanes.decode)  # the decoder's own cores
-                continue
+                # Anything but the next step (or waiting) first decides on the queued step.
+                settle = self._queued is not None and bool(detections or to_encode or admitted or not self._active()
+                                                            or self._filling())
             try:
+                if settle:
+                    self._settle()
+                if to_encode:
+                    self._encode(to_encode, self.programs.lanes.decode)  # the decoder's own cores
+                    continue
                 if detections:
                     self._detect(detections)
                 if admitted:
@@ -271,7 +285,7 @@ class DecodeScheduler:
                     if not d.future.done():
                         d.future.set_exception(e)
                 self._fail_rows(e, admitted)
-                self._slots = None
+                self._slots, self._queued = None, None
 
     def _helps_encoder(self) -> bool:  # with self._cv held
         """The decoder has cores of its own (CPU lanes), and while the encoder is busy on its own,
@@ -384,6 +398,9 @@ class DecodeScheduler:
         self._decide(groups, choice, by_slot)
 
     def _step(self) -> None:
+        """Queue a step, then decide on the one queued before it (if any). The host's feed is
+        used when nothing is queued (after an admission or a beam search's step); otherwise
+        the queued step's own picks, which are what the host would feed."""
         reorder = bool((self._source != np.arange(len(self._source))).any())
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
@@ -391,11 +408,29 @@ class DecodeScheduler:
         device = self._device()
         if device != self._slots_on:
             self._slots, self._slots_on = self.programs.place(self._slots, device), device
-        self._slots, choice = self.programs.step(self._slots, self._feed, self._source if reorder else None,
+        feed = self._feed if self._queued is None else self._queued.tokens
+        self._slots, choice = self.programs.step(self._slots, feed, self._source if reorder else None,
                                                  length=int(self._length[live].max()), candidates=beams, device=device)
         self._source = np.arange(len(self._source), dtype=np.int32)
+        if self._queued is not None:
+            self._settle()
+        self._queued = choice
+        if beams or self._all_end_next():
+            self._settle()  # beams: the host decides what the next step is fed
+
+    def _settle(self) -> None:
+        """Decide on the queued step's proposals."""
+        choice, self._queued = self._queued.fetch(), None
         groups = list({id(g): g for g in self._groups if g is not None}.values())
         self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
+
+    def _all_end_next(self) -> bool:
+        """Every live row reaches its token limit with the step just queued: a step queued
+        after it would be wasted."""
+        for g in {id(g): g for g in self._groups if g is not None}.values():
+            if any(not seq.done and not self._at_limit(g.job, len(seq.tokens) + 1) for seq in g.sequences):
+                return False
+        return True
 
     def _decide(self, groups: list[_Group], choice, row_of: dict[int, int]) -> None:
         """Turn the programs' proposals into each group's next tokens, and end finished groups."""
