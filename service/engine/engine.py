@@ -254,7 +254,14 @@ class _Run:
                     future.cancel()
                     raise CancelledError()
 
+    def _stop_if_cancelled(self) -> None:
+        """Cancelled is cancelled whenever it happens: between windows, while a callback runs,
+        or after the last window (a result the caller gave up on is not returned)."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise CancelledError()
+
     def _finish(self, duration: float) -> Transcription:
+        self._stop_if_cancelled()
         text = "".join(s.text for s in self.segments)
         return Transcription(text, self.language or "en", self.language_probability, duration, self.segments,
                              self.prompt_tokens, self.completion_tokens)
@@ -297,8 +304,7 @@ class _Run:
         final: dict[int, WindowResult] = {}
         next_out, total, duration = 0, None, 0.0
         while total is None or next_out < total:
-            if self.cancel is not None and self.cancel.is_set():
-                raise CancelledError()
+            self._stop_if_cancelled()
             try:
                 event = events.get(timeout=0.5)
             except queue.Empty:
@@ -315,6 +321,7 @@ class _Run:
                 continue
             final[i] = result
             while next_out in final:
+                self._stop_if_cancelled()
                 r = final.pop(next_out)
                 start, end = spans[next_out]
                 if not self._is_silence(r):
@@ -353,6 +360,7 @@ class _Run:
         prompt_reset_since = 0
         seek = 0
         while seek < content_frames:
+            self._stop_if_cancelled()
             segment_size = min(N_FRAMES, content_frames - seek)
             window = window_at(seek, segment_size)
             prompt = all_tokens[prompt_reset_since:]
