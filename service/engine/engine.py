@@ -250,14 +250,18 @@ class _Run:
             try:
                 return future.result(timeout=0.5)
             except TimeoutError:
-                if self.cancel is not None and self.cancel.is_set():
+                if self._cancelled:
                     future.cancel()
                     raise CancelledError()
+
+    @property
+    def _cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
     def _stop_if_cancelled(self) -> None:
         """Cancelled is cancelled whenever it happens: between windows, while a callback runs,
         or after the last window (a result the caller gave up on is not returned)."""
-        if self.cancel is not None and self.cancel.is_set():
+        if self._cancelled:
             raise CancelledError()
 
     def _finish(self, duration: float) -> Transcription:
@@ -285,7 +289,7 @@ class _Run:
             try:
                 samples = 0
                 for start, end, chunk in cut_windows(audio):
-                    if self.cancel is not None and self.cancel.is_set():
+                    if self._cancelled:
                         break
                     padded = np.zeros((1, N_SAMPLES), np.float32)
                     padded[0, : end - start] = chunk

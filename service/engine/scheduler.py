@@ -302,6 +302,10 @@ class DecodeScheduler:
     def _active(self) -> bool:
         return any(g is not None for g in self._groups)
 
+    def _live_groups(self) -> list[_Group]:
+        """The groups in the batch, each once (a group holds one slot per row), in slot order."""
+        return list({id(g): g for g in self._groups if g is not None}.values())
+
     def _admissible(self) -> bool:
         """The next job's window is encoded."""
         return bool(self._jobs and self._jobs[0].window.encoded)
@@ -421,13 +425,12 @@ class DecodeScheduler:
     def _settle(self) -> None:
         """Decide on the queued step's proposals."""
         choice, self._queued = self._queued.fetch(), None
-        groups = list({id(g): g for g in self._groups if g is not None}.values())
-        self._decide(groups, choice, {slot: slot for slot in range(len(self._groups))})
+        self._decide(self._live_groups(), choice, {slot: slot for slot in range(len(self._groups))})
 
     def _all_end_next(self) -> bool:
         """Every live row reaches its token limit with the step just queued: a step queued
         after it would be wasted."""
-        for g in {id(g): g for g in self._groups if g is not None}.values():
+        for g in self._live_groups():
             if any(not seq.done and not self._at_limit(g.job, len(seq.tokens) + 1) for seq in g.sequences):
                 return False
         return True
@@ -523,7 +526,7 @@ class DecodeScheduler:
         self._freed = True
 
     def _fail_rows(self, error: Exception, extra: list[DecodeJob]) -> None:
-        for g in {id(g): g for g in self._groups if g is not None}.values():
+        for g in self._live_groups():
             if not g.job.future.done():
                 g.job.future.set_exception(error)
             self._release(g)
