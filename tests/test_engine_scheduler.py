@@ -258,3 +258,63 @@ def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
         scheduler.close()
     assert devices[0] is lanes.wide  # nothing was decoding yet
     assert sorted(map(id, devices[1:])) == sorted(map(id, [lanes.encode, lanes.decode]))
+
+
+def test_a_step_computes_only_the_blocks_that_hold_live_slots(tiny_engine):
+    """Eight slots in blocks of 1, 3 and 4 rows, filled lowest first: a lone window's steps are
+    given one block, five windows' steps all three, fewer as the windows in the last slots
+    end; and every window decodes as it does alone."""
+    tok = tiny_engine.tokenizer
+    programs = endless(tiny_engine, 8)
+    assert programs.blocks == (1, 3, 4)
+    given: list[int] = []
+    step = programs._step
+
+    def recording_step(params, cross, moving, *args, **kwargs):
+        given.append(len(moving[0][0]))  # the blocks of the first layer's self-attention cache
+        return step(params, cross, moving, *args, **kwargs)
+
+    programs._step = recording_step
+    scheduler = DecodeScheduler(programs, tok)
+
+    def jobs() -> list[DecodeJob]:
+        return [DecodeJob(Window(noise(tiny_engine.dims.n_mels, 60 + i)), english(tok), 0, timestamps=False,
+                          sample_len=n) for i, n in enumerate((12, 9, 7, 5, 3))]
+
+    try:
+        alone = []
+        for job in jobs():
+            given.clear()
+            alone.append(scheduler.submit(job).result(timeout=300).tokens)
+            assert set(given) == {1}
+        given.clear()
+        with scheduler._cv:  # admitted together, into slots 0 to 4
+            together = [scheduler.submit(job) for job in jobs()]
+        assert [f.result(timeout=300).tokens for f in together] == alone
+    finally:
+        scheduler.close()
+    assert given == sorted(given, reverse=True) and set(given) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("lanes", ["on", "off"])
+def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, lanes):
+    """Every program a scheduler runs (language detection, admissions, steps fed by the host and
+    queued ones, over any number of blocks) was compiled by the warm-up: no request waits on
+    the compiler."""
+    monkeypatch.setenv(SWITCH, lanes)
+    tok = tiny_engine.tokenizer
+    programs = endless(tiny_engine, 3)
+    programs.warmup(tok.sot, tok.is_multilingual)
+    jitted = ("_encode", "_detect", "_admit", "_step")
+    compiled = {name: getattr(programs, name)._cache_size() for name in jitted}
+    scheduler = DecodeScheduler(programs, tok)
+    n_mels = tiny_engine.dims.n_mels
+    try:
+        assert scheduler.detect_language(Window(noise(n_mels, 70))).result(timeout=300).shape == (len(tok.language_tokens),)
+        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 71)), english(tok), 0, timestamps=False, sample_len=70))
+        rest = [scheduler.submit(DecodeJob(Window(noise(n_mels, 72 + i)), english(tok), 0, timestamps=False,
+                                           sample_len=5 + 20 * i)) for i in range(3)]
+        assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [70, 5, 25, 45]
+    finally:
+        scheduler.close()
+    assert {name: getattr(programs, name)._cache_size() for name in jitted} == compiled

@@ -13,7 +13,9 @@ The decoder keeps a preallocated self-attention cache of `n_text_ctx` positions 
 call writes its new keys/values at the row's own positions, so rows of one batch can be at
 different lengths (continuous batching). Cross-attention keys/values are computed once per
 window by `cross_kv` and reused at every step. Caches are head-major ([B, H, T, Dh]), the
-layout attention's batched matmuls read without transposing.
+layout attention's batched matmuls read without transposing, and each layer's cache is a tuple
+of blocks of rows (the batch is their rows in order): a call given the first blocks of a batch
+reads only theirs, so a step for few live rows does not pay for reading every row's cache.
 """
 from __future__ import annotations
 
@@ -21,18 +23,29 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .dims import ModelDimensions
 
 Params = dict
-Layers = tuple  # one array per decoder layer
+Blocks = tuple  # blocks of rows of one layer's cache, each [rows, heads, positions, head_dim]
+Layers = tuple  # one entry per decoder layer
 
 
 class KVCache(NamedTuple):
-    self_k: Layers  # each [batch, heads, n_text_ctx, head_dim]
+    self_k: Layers  # of Blocks, each [rows, heads, n_text_ctx, head_dim]
     self_v: Layers
-    cross_k: Layers  # each [batch, heads, n_audio_ctx, head_dim]
+    cross_k: Layers  # of Blocks, each [rows, heads, n_audio_ctx, head_dim]
     cross_v: Layers
+
+
+def split_rows(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
+    """The rows of x, cut into consecutive blocks of `sizes` rows."""
+    return [x] if len(sizes) == 1 else jnp.split(x, list(np.cumsum(sizes)[:-1]))
+
+
+def join_rows(blocks: list[jax.Array]) -> jax.Array:
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float = 1e-5) -> jax.Array:
@@ -141,18 +154,21 @@ def encode(params: Params, mel: jax.Array, dims: ModelDimensions, chunks: Chunks
 
 
 def cross_kv(params: Params, audio_features: jax.Array, dims: ModelDimensions) -> tuple[Layers, Layers]:
-    """Cross-attention keys and values of every decoder layer, each [B, heads, n_audio_ctx, head_dim]."""
+    """Cross-attention keys and values of every decoder layer, each one block [B, heads, n_audio_ctx, head_dim]."""
     keys, values = [], []
     for bp in params["decoder"]["blocks"]:
         a = bp["cross_attn"]
-        keys.append(split_heads(linear(audio_features, a["key"]), dims.n_text_head))
-        values.append(split_heads(linear(audio_features, a["value"]), dims.n_text_head))
+        keys.append((split_heads(linear(audio_features, a["key"]), dims.n_text_head),))
+        values.append((split_heads(linear(audio_features, a["value"]), dims.n_text_head),))
     return tuple(keys), tuple(values)
 
 
-def empty_self_cache(dims: ModelDimensions, batch: int, dtype, length: int | None = None) -> tuple[Layers, Layers]:
-    shape = (batch, dims.n_text_head, length or dims.n_text_ctx, dims.n_text_state // dims.n_text_head)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))  # noqa: E731
+def empty_self_cache(dims: ModelDimensions, blocks: int | tuple[int, ...], dtype,
+                     length: int | None = None) -> tuple[Layers, Layers]:
+    """Zeroed self-attention caches of every layer, in blocks of `blocks` rows (an int: one block)."""
+    sizes = (blocks,) if isinstance(blocks, int) else blocks
+    shape = (dims.n_text_head, length or dims.n_text_ctx, dims.n_text_state // dims.n_text_head)
+    zeros = lambda: tuple(tuple(jnp.zeros((n, *shape), dtype) for n in sizes) for _ in range(dims.n_text_layer))  # noqa: E731
     return zeros(), zeros()
 
 
@@ -169,12 +185,14 @@ def decode(
     """Run the decoder on `tokens` [B, S] placed at positions start[b] .. start[b]+S-1.
 
     Returns float32 logits [B, N, vocab] of the positions `logit_index` [B, N] (indices into S),
-    so only the needed rows meet the vocabulary, and the cache with the block's keys/values
-    written in: each layer writes the block into its own (donated) cache buffer, in place, then
-    attends to every position up to each query's own. A list given as `cross_scores` receives
-    each layer's cross-attention scores [B, H, S, n_audio_ctx]. With `kv_len`, self-attention
-    reads only the first kv_len cache positions (every row's keys must lie within them): a
-    short sequence then does not pay for reading the whole context at every step.
+    so only the needed rows meet the vocabulary, and the cache with the new keys/values written
+    in: each layer writes them into its own (donated) cache buffers, in place, then attends to
+    every position up to each query's own. The cache's blocks hold the B rows between them;
+    attention runs block by block, everything else on all rows at once. A list given as
+    `cross_scores` receives each layer's cross-attention scores [B, H, S, n_audio_ctx]. With
+    `kv_len`, self-attention reads only the first kv_len cache positions (every row's keys must
+    lie within them): a short sequence then does not pay for reading the whole context at every
+    step.
     """
     p = params["decoder"]
     b, s = tokens.shape
@@ -182,29 +200,37 @@ def decode(
     embedding = p["token_embedding"]["kernel"]  # [state, vocab]
     x = jnp.moveaxis(jnp.take(embedding, tokens, axis=1), 0, -1)
     x = x + p["positional_embedding"][jnp.clip(positions, 0, dims.n_text_ctx - 1)]
-    kv_len = kv_len or cache.self_k[0].shape[2]
+    sizes = [blk.shape[0] for blk in cache.self_k[0]]
+    kv_len = kv_len or cache.self_k[0][0].shape[2]
     visible = jnp.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, S, kv_len]
-    rows = jnp.arange(b)[:, None, None]
     heads = jnp.arange(dims.n_text_head)[None, :, None]
     at = positions[:, None, :]
+    by_block = lambda x: split_rows(x, sizes)  # noqa: E731
     self_k, self_v = [], []
-    for bp, sk, sv, ck, cv in zip(p["blocks"], cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
+    for bp, sks, svs, cks, cvs in zip(p["blocks"], cache.self_k, cache.self_v, cache.cross_k, cache.cross_v):
         h = layer_norm(x, bp["attn_ln"])
         a = bp["attn"]
         q, k, v = (split_heads(linear(h, a[n]), dims.n_text_head) for n in ("query", "key", "value"))
-        # Write first, then read: the donated buffer is then updated in place, not copied.
-        # Positions past the context (a full cache) are dropped; their logits are never used.
-        sk = sk.at[rows, heads, at].set(k, mode="drop")
-        sv = sv.at[rows, heads, at].set(v, mode="drop")
-        self_k.append(sk)
-        self_v.append(sv)
-        x = x + linear(merge_heads(attention(q, sk[:, :, :kv_len], sv[:, :, :kv_len], visible)), a["out"])
+        outs, layer_k, layer_v = [], [], []
+        for qb, kb, vb, sk, sv, seen, where in zip(*map(by_block, (q, k, v)), sks, svs, by_block(visible), by_block(at)):
+            rows = jnp.arange(qb.shape[0])[:, None, None]
+            # Write first, then read: the donated buffer is then updated in place, not copied.
+            # Positions past the context (a full cache) are dropped; their logits are never used.
+            sk = sk.at[rows, heads, where].set(kb, mode="drop")
+            sv = sv.at[rows, heads, where].set(vb, mode="drop")
+            layer_k.append(sk)
+            layer_v.append(sv)
+            outs.append(attention(qb, sk[:, :, :kv_len], sv[:, :, :kv_len], seen))
+        self_k.append(tuple(layer_k))
+        self_v.append(tuple(layer_v))
+        x = x + linear(merge_heads(join_rows(outs)), a["out"])
         h = layer_norm(x, bp["cross_attn_ln"])
         c = bp["cross_attn"]
-        out, scores = attention_with_scores(split_heads(linear(h, c["query"]), dims.n_text_head), ck, cv)
+        q = split_heads(linear(h, c["query"]), dims.n_text_head)
+        outs, scores = zip(*(attention_with_scores(qb, ck, cv) for qb, ck, cv in zip(by_block(q), cks, cvs)))
         if cross_scores is not None:
-            cross_scores.append(scores)
-        x = x + linear(merge_heads(out), c["out"])
+            cross_scores.append(join_rows(list(scores)))
+        x = x + linear(merge_heads(join_rows(list(outs))), c["out"])
         x = x + mlp(layer_norm(x, bp["mlp_ln"]), bp)
     x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     x = layer_norm(x, p["ln"])

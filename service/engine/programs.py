@@ -7,11 +7,16 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `encode`: mel windows -> audio features (batch buckets).
 - `detect_language`: audio features -> probabilities of the language tokens.
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
-  choice of the first token (and the no-speech probability, read at <|startoftranscript|>).
-- `copy_cross`: copy slots' cross-attention keys/values into others: a beam search is admitted
-  as one row and copied into its other beams (computing the keys/values once, not per beam).
+  choice of the first token (and the no-speech probability, read at <|startoftranscript|>). A
+  beam search is admitted as one row whose cross keys/values are also written into its other
+  beams' slots (computed once, not per beam).
 - `step`: feed every slot the token the host decided for it (optionally reordering rows first,
   for beam search) and choose the next: the one compiled decode step.
+
+The slots' caches are cut into blocks of 1, 3, 12, ... rows (model.py), and a step is
+compiled for each number of leading blocks: it computes the rows of the blocks that hold live
+slots, and the host fills the lowest free slots first, so a lone window costs a one-row step,
+not a step for every slot (on CPU, base: 12 ms against 37 ms for 8 rows).
 
 The programs propose tokens; the host decides (a sampled row takes its choice, beam search
 picks among each row's top candidates), and the next step feeds the decision in.
@@ -65,6 +70,17 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
+def slot_blocks(n_slots: int) -> tuple[int, ...]:
+    """The sizes of the blocks the slots are cut into: 1, 3, 12, 48, ..., each three times as
+    large as all before it (the last smaller where the slots run out), so that k live slots at
+    the front lie in blocks of fewer than 4k rows, with few blocks (a step is compiled for each
+    number of them)."""
+    sizes = [1]
+    while sum(sizes) < n_slots:
+        sizes.append(min(3 * sum(sizes), n_slots - sum(sizes)))
+    return tuple(sizes)
+
+
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
     """Powers of two up to max_batch, and max_batch itself."""
     sizes = [1]
@@ -86,16 +102,20 @@ class Programs:
         self.lanes = lanes = cpu_lanes() if self.mesh is None else None
         self.params = params
         # The devices each side may run on (None: JAX's default device, or the mesh), and the
-        # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home`.
+        # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home`, placed
+        # there explicitly, and so are the warm-up's stand-ins for them: a program compiled for
+        # arrays with no placement of their own is compiled again for placed ones.
         self.encode_devices = (None,) if lanes is None else (lanes.encode, lanes.decode, lanes.wide)
         self.decode_devices = (None,) if lanes is None else (lanes.decode, lanes.wide)
-        self.home = None if lanes is None else lanes.wide
+        self.home = lanes.wide if lanes is not None else None if self.mesh is not None else devices[0]
         self._params_on = {None: params}
         if lanes is not None:
             self._params_on.update({d: jax.device_put(params, d) for d in (lanes.decode, lanes.encode, lanes.wide)})
         self.dims = dims
         self.vocab = vocab
         self.n_slots = n_slots
+        # On a mesh the slots are split over the devices: one block.
+        self.blocks = slot_blocks(n_slots) if self.mesh is None else (n_slots,)
         self.dtype = params["decoder"]["token_embedding"]["kernel"].dtype
         self.batch_sizes = batch_buckets(n_slots)
         # On CPU the encoder is fastest one window at a time and its attention one head at a time
@@ -111,7 +131,6 @@ class Programs:
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
-        self._copy_cross = jax.jit(self._copy_cross_impl, donate_argnums=(0,))
         self.alignment_heads = list(alignment_heads)
         self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
         self._align = jax.jit(self._align_impl)
@@ -127,7 +146,11 @@ class Programs:
                                  jnp.zeros((b, 1), jnp.int32), self.dims)
         return jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1)
 
-    def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions, no_speech):
+    def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions,
+                    no_speech, copy_rows, copy_slots):
+        """Rows 0..k-1 go into slots slot_ids (past the last slot: padding, dropped); the caches
+        of row copy_rows[i] are also written into slot copy_slots[i] (the other beams of a beam
+        search; past the last slot: none)."""
         k = features.shape[0]
         ck, cv = model.cross_kv(params, features, self.dims)
         sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
@@ -148,7 +171,32 @@ class Programs:
         def put(big, small):
             return big.at[slot_ids].set(small, mode="drop")
 
-        cache = model.KVCache(*(tuple(map(put, b, s)) for b, s in zip(slots.cache, (new.self_k, new.self_v, ck, cv))))
+        # Every (new row, slot) pair: the rows' own slots, then the copies, in slot order so that
+        # each block's pairs are consecutive. Each block loops over its pairs and writes the row
+        # of every layer's caches in place (scattering each cache into each block separately
+        # would make admission many times longer to compile).
+        rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
+        targets = jnp.concatenate([slot_ids, copy_slots])
+        order = jnp.argsort(targets)
+        rows, targets = rows[order], targets[order]
+        new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of k rows each
+        old = slots.cache
+        per_block = list(zip(*(*old.self_k, *old.self_v, *old.cross_k, *old.cross_v)))  # [block][cache]
+        written, start = [], 0
+        for caches in per_block:
+            n = caches[0].shape[0]
+
+            def write(i, caches, start=start):
+                row, slot = rows[i], targets[i] - start
+                return tuple(jax.lax.dynamic_update_index_in_dim(c, jax.lax.dynamic_index_in_dim(r, row, keepdims=False),
+                                                                 slot, 0) for c, r in zip(caches, new_rows))
+
+            lo, hi = jnp.searchsorted(targets, start), jnp.searchsorted(targets, start + n)
+            written.append(jax.lax.fori_loop(lo, hi, write, tuple(caches)))
+            start += n
+        layers = self.dims.n_text_layer
+        by_cache = [tuple(block[c] for block in written) for c in range(4 * layers)]  # [cache][block]
+        cache = model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
         slots = Slots(
             cache,
             RowState(*(put(b, s) for b, s in zip(slots.state, state))),
@@ -160,32 +208,38 @@ class Programs:
     def _step_impl(self, params, cross, moving, tokens, source, candidates, reorder: bool, kv_len: int):
         """`cross` (keys/values) is only read; `moving` (self-attention cache, row state and
         options, positions) is donated and updated in place. Passing the large cross cache
-        through as an output would make XLA copy it at every step. With `reorder`, row i first
-        takes the cache, state and options of row source[i] (a beam takes over the one it
-        continues; beams of one window share its audio, so the cross cache needs no
-        reordering). Only the first kv_len cache positions are moved: no live row has keys
-        past them, and every later position is written before it is read."""
+        through as an output would make XLA copy it at every step. The caches given are the
+        first blocks: the step computes their rows (the first r), the others keep their state,
+        and the proposals of rows past r are zeros. With `reorder`, row i first takes the
+        cache, state and options of row source[i] (a beam takes over the one it continues;
+        beams of one window share its audio, so the cross cache needs no reordering). Only
+        the first kv_len cache positions are moved: no live row has keys past them, and every
+        later position is written before it is read."""
         (cross_k, cross_v), (self_k, self_v, state, options, position) = cross, moving
+        sizes = [blk.shape[0] for blk in self_k[0]]
+        r = sum(sizes)
+        head = lambda x: x[:r]  # noqa: E731
+        live_state, live_options, live_position = RowState(*map(head, state)), RowOptions(*map(head, options)), position[:r]
         if reorder:
-            take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
-            take_live = lambda x: x.at[:, :, :kv_len].set(take(x[:, :, :kv_len]))  # noqa: E731
-            self_k, self_v = tuple(map(take_live, self_k)), tuple(map(take_live, self_v))
-            state, options, position = RowState(*map(take, state)), RowOptions(*map(take, options)), take(position)
-        state = commit_tokens(state, tokens, self.vocab)
-        cache = model.KVCache(self_k, self_v, cross_k, cross_v)
-        logits, cache = model.decode(params, tokens[:, None], position, cache, jnp.zeros((self.n_slots, 1), jnp.int32),
-                                     self.dims, kv_len=kv_len)
-        choice = choose_tokens(logits[:, 0], state, options, self.vocab, candidates)
-        return (cache.self_k, cache.self_v, state, options, position + 1), choice
+            take = lambda x: jnp.take(x, source[:r], axis=0)  # noqa: E731
 
-    def _copy_cross_impl(self, cross, source, target, count):
-        """Row target[i] of every cross cache takes row source[i], for i < count: one row at a
-        time, in place (the donated cache is not copied; a gather of whole rows would be)."""
-        def copy_row(i, cross):
-            take = lambda x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
-                x, jax.lax.dynamic_index_in_dim(x, source[i], keepdims=False), target[i], 0)
-            return jax.tree.map(take, cross)
-        return jax.lax.fori_loop(0, count, copy_row, cross)
+            def take_live(blocks):
+                moved = model.split_rows(take(model.join_rows([b[:, :, :kv_len] for b in blocks])), sizes)
+                return tuple(b.at[:, :, :kv_len].set(m) for b, m in zip(blocks, moved))
+
+            self_k, self_v = tuple(map(take_live, self_k)), tuple(map(take_live, self_v))
+            live_state, live_options = RowState(*map(take, live_state)), RowOptions(*map(take, live_options))
+            live_position = take(live_position)
+        live_state = commit_tokens(live_state, tokens[:r], self.vocab)
+        cache = model.KVCache(self_k, self_v, cross_k, cross_v)
+        logits, cache = model.decode(params, tokens[:r, None], live_position, cache, jnp.zeros((r, 1), jnp.int32),
+                                     self.dims, kv_len=kv_len)
+        choice = choose_tokens(logits[:, 0], live_state, live_options, self.vocab, candidates)
+        put = lambda full, live: live if r == self.n_slots else full.at[:r].set(live)  # noqa: E731
+        pad = lambda x: jnp.pad(x, [(0, self.n_slots - r)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+        state = RowState(*map(put, state, live_state))
+        options = RowOptions(*map(put, options, live_options))
+        return (cache.self_k, cache.self_v, state, options, put(position, live_position + 1)), tuple(map(pad, choice))
 
     def _align_impl(self, params, features, tokens):
         ck, cv = model.cross_kv(params, features, self.dims)
@@ -219,8 +273,9 @@ class Programs:
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
                     slots, *_ = self.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0, device)
-            slots = self.copy_cross(slots, [], [], device)  # the beams' copies of a window's keys/values
-            for length in self.kv_sizes:  # and the reordering step of beam search
+            for rows in np.cumsum(self.blocks)[:-1]:  # fewer blocks than all: one length
+                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), rows=int(rows), device=device)
+            for length in self.kv_sizes:  # all blocks, and the reordering step of beam search
                 slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), length=length, device=device)
                 slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), np.arange(self.n_slots), length=length,
                                      device=device)
@@ -237,17 +292,18 @@ class Programs:
 
     def empty_slots(self) -> Slots:
         n, d = self.n_slots, self.dims
-        sk, sv = model.empty_self_cache(d, n, self.dtype)
-        cross_shape = (n, d.n_text_head, d.n_audio_ctx, d.n_text_state // d.n_text_head)
-        cross = lambda: tuple(jnp.zeros(cross_shape, self.dtype) for _ in range(d.n_text_layer))  # noqa: E731
+        sk, sv = model.empty_self_cache(d, self.blocks, self.dtype)
+        cross_shape = (d.n_text_head, d.n_audio_ctx, d.n_text_state // d.n_text_head)
+        cross = lambda: tuple(tuple(jnp.zeros((rows, *cross_shape), self.dtype) for rows in self.blocks)  # noqa: E731
+                              for _ in range(d.n_text_layer))
         state = RowState(*(jnp.full(n, -1, jnp.int32) for _ in range(3)), jnp.zeros(n, jnp.int32),
                          jnp.zeros((n, d.n_vocab), bool))
         options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
                              jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
         slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, options, jnp.full(n, d.n_text_ctx, jnp.int32))
         if self.mesh is not None:
-            slots = jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
-        return slots
+            return jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
+        return self.place(slots, self.home)  # placed, as every program's outputs are
 
     def encode(self, mel: np.ndarray | jax.Array, device: jax.Device | None = None) -> jax.Array:
         """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets, computed on `device`
@@ -258,7 +314,7 @@ class Programs:
         largest = self.encode_sizes[-1]
         parts = []
         for i in range(0, k, largest):
-            chunk = self.place(mel[i : i + largest], device)
+            chunk = self.place(jnp.asarray(mel[i : i + largest]), device)  # one kind of input: one program
             size = bucket(chunk.shape[0], self.encode_sizes)
             parts.append(self.place(self._encode(params, self._pad_rows(chunk, size))[: chunk.shape[0]], self.home))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
@@ -269,8 +325,10 @@ class Programs:
         return np.asarray(self._detect(self._params_on[device], padded, jnp.int32(sot)))[:k]
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
-              slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None):
-        """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows."""
+              slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
+              copies: list[tuple[int, int]] = ()):
+        """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows.
+        `copies`: (row, slot) pairs: the slot also gets the row's cross-attention keys/values."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)
@@ -284,18 +342,12 @@ class Programs:
         ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
         ids[:k] = slot_ids
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
+        pairs = np.full((2, self.n_slots), self.n_slots, np.int32)  # past the last slot: no copy
+        pairs[:, : len(copies)] = np.asarray(copies, np.int32).reshape(-1, 2).T
         slots, choice, no_speech_prob = self._admit(
             self._params_on[device], self.place(slots, device), self.place(self._pad_rows(features, size), device),
-            prefix, length, sot, ids, options, jnp.int32(no_speech))
+            prefix, length, sot, ids, options, jnp.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1])
         return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
-
-    def copy_cross(self, slots: Slots, source: list[int], target: list[int], device: jax.Device | None = None) -> Slots:
-        """Slots whose cross-attention keys/values are those of slot source[i], for each target[i]."""
-        pairs = np.zeros((2, self.n_slots), np.int32)
-        pairs[:, : len(source)] = source, target
-        c = self.place(slots.cache, device)
-        cross_k, cross_v = self._copy_cross((c.cross_k, c.cross_v), pairs[0], pairs[1], np.int32(len(source)))
-        return slots._replace(cache=c._replace(cross_k=cross_k, cross_v=cross_v))
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
@@ -314,27 +366,45 @@ class Programs:
         return tree if device is None else jax.device_put(tree, device)
 
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
-             length: int | None = None, candidates: bool = True,
+             length: int | None = None, candidates: bool = True, rows: int | None = None,
              device: jax.Device | None = None) -> tuple[Slots, "Choice"]:
         """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
         the longest sequence of a live row once these tokens are in (default: the context).
-        `candidates`: also propose each row's top tokens (beam search needs them). `device`:
-        one of `decode_devices`, where the slots are (see `place`).
+        `candidates`: also propose each row's top tokens (beam search needs them). `rows`: the
+        slots below it are the live ones (default: all); the step computes the blocks that hold
+        them (all of them to reorder). Fewer blocks than all read the whole self-attention
+        cache, whatever `length`: for a few rows it is little beside the weights and the
+        cross-attention caches, and lengths for each number of blocks would multiply the
+        programs to compile. `device`: one of `decode_devices`, where the slots are (see
+        `place`).
 
         Returns at once: the Choice holds device arrays, `fetch()` waits for them. `tokens` may
         be the device array of the previous step's choice, so the next step can be queued
         before the host has seen the last one's tokens."""
         c = slots.cache
-        moving = (c.self_k, c.self_v, slots.state, slots.options, slots.position)
         reorder = source is not None
+        n = len(self.blocks) if reorder or rows is None else int(np.searchsorted(np.cumsum(self.blocks), rows)) + 1
+        first = lambda layers: tuple(blocks[:n] for blocks in layers)  # noqa: E731
+        moving = (first(c.self_k), first(c.self_v), slots.state, slots.options, slots.position)
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
-        kv_len = bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
+        kv_len = self.kv_sizes[-1] if n < len(self.blocks) else bucket(min(length or self.dims.n_text_ctx,
+                                                                           self.dims.n_text_ctx), self.kv_sizes)
         (self_k, self_v, state, options, position), choice = self._step(
-            self._params_on[device], (c.cross_k, c.cross_v), moving,
-            self.place(tokens, device) if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32), src,
+            self._params_on[device], (first(c.cross_k), first(c.cross_v)), moving,
+            self._feed(tokens, device), src,
             np.bool_(candidates), reorder=reorder, kv_len=kv_len)
-        slots = Slots(model.KVCache(self_k, self_v, c.cross_k, c.cross_v), state, options, position)
+        rest = lambda new, old: tuple(a + b[n:] for a, b in zip(new, old))  # noqa: E731
+        slots = Slots(model.KVCache(rest(self_k, c.self_k), rest(self_v, c.self_v), c.cross_k, c.cross_v),
+                      state, options, position)
         return slots, Choice(*choice)
+
+    def _feed(self, tokens: np.ndarray | jax.Array, device: jax.Device | None) -> jax.Array:
+        """A step's tokens, placed as the last step's choice is (which a queued step is fed):
+        the host's feed then runs the same compiled program, and a warm-up compiles it."""
+        if isinstance(tokens, jax.Array):
+            return self.place(tokens, device)
+        where = device or (NamedSharding(self.mesh, PartitionSpec("batch")) if self.mesh else jax.local_devices()[0])
+        return jax.device_put(np.asarray(tokens, np.int32), where)
 
     @staticmethod
     def _pad_rows(x: jax.Array, size: int) -> jax.Array:

@@ -370,6 +370,7 @@ class DecodeScheduler:
         into the other beams' slots, and the first step's reordering gives them the rest."""
         if self._slots is None:
             self._slots = self.programs.empty_slots()
+        # The lowest free slots first: a step computes the blocks up to the last live slot.
         free = iter([i for i, g in enumerate(self._groups) if g is None])
         groups = []
         for j in jobs:
@@ -384,15 +385,13 @@ class DecodeScheduler:
             np.array([g.job.repetition_penalty for g, _ in rows], np.float32),
             np.array([_row_key(g.job.key, r) for g, r in rows], np.uint32),
         )
+        by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
+        copies = [(by_slot[g.slots[0]], slot) for g in groups if g.job.beam_size > 1 for slot in g.slots[1:]]
         self._slots, choice, no_speech = self.programs.admit(
             self._slots, jnp.stack([g.job.window.features for g, _ in rows]), [g.job.prefix for g, _ in rows],
             [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0,
-            device)
-        copies = [(g.slots[0], slot) for g in groups if g.job.beam_size > 1 for slot in g.slots[1:]]
-        if copies:
-            self._slots = self.programs.copy_cross(self._slots, *zip(*copies), device)
+            device, copies)
         self._slots_on = device
-        by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
         for g in groups:
             self._length[g.slots] = len(g.job.prefix)
             if self.tokenizer.no_speech is not None:
@@ -414,7 +413,8 @@ class DecodeScheduler:
             self._slots, self._slots_on = self.programs.place(self._slots, device), device
         feed = self._feed if self._queued is None else self._queued.tokens
         self._slots, choice = self.programs.step(self._slots, feed, self._source if reorder else None,
-                                                 length=int(self._length[live].max()), candidates=beams, device=device)
+                                                 length=int(self._length[live].max()), candidates=beams,
+                                                 rows=live[-1] + 1, device=device)
         self._source = np.arange(len(self._source), dtype=np.int32)
         if self._queued is not None:
             self._settle()
