@@ -8,8 +8,8 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `detect_language`: audio features -> probabilities of the language tokens.
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
   choice of the first token (and the no-speech probability, read at <|startoftranscript|>). A
-  beam search is admitted as one row whose cross keys/values are also written into its other
-  beams' slots (computed once, not per beam).
+  beam search is admitted as one row whose caches (cross keys/values, prefilled self-attention)
+  are also written into its other beams' slots (computed once, not per beam).
 - `step`: feed every slot the token the host decided for it (optionally reordering rows first,
   for beam search) and choose the next: the one compiled decode step.
 
@@ -328,7 +328,8 @@ class Programs:
               slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
               copies: list[tuple[int, int]] = ()):
         """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows.
-        `copies`: (row, slot) pairs: the slot also gets the row's cross-attention keys/values."""
+        `copies`: (row, slot) pairs: the slot also gets the row's caches (cross keys/values and
+        prefilled self-attention cache), not its state or options."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)

@@ -366,8 +366,8 @@ class DecodeScheduler:
 
     def _admit(self, jobs: list[DecodeJob]) -> None:
         """Put the jobs' windows into free slots. A beam search begins as one hypothesis in its
-        first slot: the window's cross-attention keys/values are computed there once and copied
-        into the other beams' slots, and the first step's reordering gives them the rest."""
+        first slot: the window's caches are computed there once and copied into the other beams'
+        slots, and the first step's reordering gives them its state and options."""
         if self._slots is None:
             self._slots = self.programs.empty_slots()
         # The lowest free slots first: a step computes the blocks up to the last live slot.
