@@ -12,7 +12,7 @@ import pytest
 from service.engine.lanes import SWITCH, cpu_lanes, split_cores
 from service.engine.programs import Programs
 from service.engine.rules import Vocabulary
-from service.engine.scheduler import DecodeJob, DecodeScheduler, Window
+from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
 
 
 def endless(engine, n_slots: int) -> Programs:
@@ -294,6 +294,36 @@ def test_a_step_computes_only_the_blocks_that_hold_live_slots(tiny_engine):
     finally:
         scheduler.close()
     assert given == sorted(given, reverse=True) and set(given) == {1, 2, 3}
+
+
+def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine):
+    """A best-of job is admitted as one row (its window's caches computed once) copied into its
+    other slots, and each sample draws what a lone sample with its key draws: the result is the
+    likeliest of those."""
+    tok = tiny_engine.tokenizer
+    programs = endless(tiny_engine, 4)
+    admitted: list[tuple[int, int]] = []  # (rows computed, copies) of each admission
+    admit = programs.admit
+
+    def recording_admit(slots, features, prefixes, sot_index, slot_ids, options, no_speech, device=None, copies=(),
+                        copy_options=None):
+        admitted.append((features.shape[0], len(copies)))
+        return admit(slots, features, prefixes, sot_index, slot_ids, options, no_speech, device, copies, copy_options)
+
+    programs.admit = recording_admit
+    scheduler = DecodeScheduler(programs, tok)
+    window = Window(noise(tiny_engine.dims.n_mels, 80))
+    job = lambda **kw: DecodeJob(window, english(tok), 0, temperature=1.0, timestamps=False, sample_len=6, **kw)  # noqa: E731
+    try:
+        best = scheduler.submit(job(key=(7, 11), best_of=3)).result(timeout=300)
+        assert admitted == [(1, 2)]
+        alone = [scheduler.submit(job(key=_row_key((7, 11), r))).result(timeout=300) for r in range(3)]
+    finally:
+        scheduler.close()
+    assert len({tuple(a.tokens) for a in alone}) == 3  # the samples differ: each drew with its own key
+    likeliest = max(alone, key=lambda a: a.sum_logprob)  # all of one length (no end of text)
+    assert best.tokens == likeliest.tokens
+    assert best.sum_logprob == pytest.approx(likeliest.sum_logprob, abs=1e-4)
 
 
 @pytest.mark.parametrize("lanes", ["on", "off"])

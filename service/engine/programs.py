@@ -8,8 +8,10 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `detect_language`: audio features -> probabilities of the language tokens.
 - `admit`: put new windows into free slots: cross keys/values, prefill of the prefix, and the
   choice of the first token (and the no-speech probability, read at <|startoftranscript|>). A
-  beam search is admitted as one row whose caches (cross keys/values, prefilled self-attention)
-  are also written into its other beams' slots (computed once, not per beam).
+  window decoded in several slots (a beam search's beams, best-of's samples) is admitted as one
+  row whose caches (cross keys/values, prefilled self-attention) are also written into its
+  other slots: computed once, not per slot. Each copy gets its own options and first token
+  (a best-of sample draws it with its own key).
 - `step`: feed every slot the token the host decided for it (optionally reordering rows first,
   for beam search) and choose the next: the one compiled decode step.
 
@@ -147,10 +149,11 @@ class Programs:
         return jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1)
 
     def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions,
-                    no_speech, copy_rows, copy_slots):
+                    no_speech, copy_rows, copy_slots, copy_options: RowOptions):
         """Rows 0..k-1 go into slots slot_ids (past the last slot: padding, dropped); the caches
-        of row copy_rows[i] are also written into slot copy_slots[i] (the other beams of a beam
-        search; past the last slot: none)."""
+        of row copy_rows[i] are also written into slot copy_slots[i] (past the last slot: none),
+        which starts as that row does, with options copy_options[i]. The choices: the k rows',
+        then the copies'."""
         k = features.shape[0]
         ck, cv = model.cross_kv(params, features, self.dims)
         sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
@@ -167,9 +170,15 @@ class Programs:
             seen=seen,
         )
         choice = choose_tokens(logits[:, 1], state, options, self.vocab)
+        # The copies draw from their row's logits with their own options (no candidates: a beam
+        # search reads its first row's).
+        copy_state = RowState(*(x[copy_rows] for x in state))
+        copy_choice = choose_tokens(logits[copy_rows, 1], copy_state, copy_options, self.vocab, candidates=False)
+        choice = tuple(jnp.concatenate(pair) for pair in zip(choice, copy_choice))
+        all_slots = jnp.concatenate([slot_ids, copy_slots])
 
-        def put(big, small):
-            return big.at[slot_ids].set(small, mode="drop")
+        def put(big, small, small_copies):
+            return big.at[all_slots].set(jnp.concatenate([small, small_copies]), mode="drop")
 
         # Every (new row, slot) pair: the rows' own slots, then the copies, in slot order so that
         # each block's pairs are consecutive. Each block loops over its pairs and writes the row
@@ -199,9 +208,9 @@ class Programs:
         cache = model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
         slots = Slots(
             cache,
-            RowState(*(put(b, s) for b, s in zip(slots.state, state))),
-            RowOptions(*(put(b, s) for b, s in zip(slots.options, options))),
-            put(slots.position, length),
+            RowState(*(put(b, s, c) for b, s, c in zip(slots.state, state, copy_state))),
+            RowOptions(*(put(b, s, c) for b, s, c in zip(slots.options, options, copy_options))),
+            put(slots.position, length, length[copy_rows]),
         )
         return slots, choice, no_speech_prob
 
@@ -326,10 +335,11 @@ class Programs:
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
               slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
-              copies: list[tuple[int, int]] = ()):
+              copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None):
         """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows.
         `copies`: (row, slot) pairs: the slot also gets the row's caches (cross keys/values and
-        prefilled self-attention cache), not its state or options."""
+        prefilled self-attention cache) and starts as the row does, with the options of
+        `copy_options` (one per copy); their first tokens follow the k rows' in the Choice."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)
@@ -345,10 +355,15 @@ class Programs:
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
         pairs = np.full((2, self.n_slots), self.n_slots, np.int32)  # past the last slot: no copy
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).reshape(-1, 2).T
+        if copy_options is None:
+            copy_options = RowOptions(*(o[:0] for o in options))
+        copy_options = RowOptions(*(self._pad_rows(jnp.asarray(o), self.n_slots) for o in copy_options))
         slots, choice, no_speech_prob = self._admit(
             self._params_on[device], self.place(slots, device), self.place(self._pad_rows(features, size), device),
-            prefix, length, sot, ids, options, jnp.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1])
-        return slots, Choice(*(np.asarray(c)[:k] for c in choice)), np.asarray(no_speech_prob)[:k]
+            prefix, length, sot, ids, options, jnp.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1],
+            copy_options)
+        picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
+        return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the

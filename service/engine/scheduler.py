@@ -365,9 +365,10 @@ class DecodeScheduler:
                 d.future.set_result(p)
 
     def _admit(self, jobs: list[DecodeJob]) -> None:
-        """Put the jobs' windows into free slots. A beam search begins as one hypothesis in its
-        first slot: the window's caches are computed there once and copied into the other beams'
-        slots, and the first step's reordering gives them its state and options."""
+        """Put the jobs' windows into free slots. A job of several slots (beam search, best-of)
+        is admitted once, in its first slot: the window's caches are computed there and copied
+        into its other slots. Best-of's samples each draw their own first token; a beam search
+        begins as one hypothesis, and the first step's reordering gives the other beams its state."""
         if self._slots is None:
             self._slots = self.programs.empty_slots()
         # The lowest free slots first: a step computes the blocks up to the last live slot.
@@ -376,26 +377,31 @@ class DecodeScheduler:
         for j in jobs:
             slots = [next(free) for _ in range(j.rows)]
             groups.append(_Group(j, slots, float("nan"), [_Sequence() for _ in range(1 if j.beam_size > 1 else j.rows)]))
-        rows = [(g, r) for g in groups for r in range(len(g.sequences))]
+        copies = [(i, r) for i, g in enumerate(groups) for r in range(1, len(g.slots))]  # (group, its row)
+
+        def options(rows: list[tuple[_Group, int]]) -> RowOptions:
+            return RowOptions(
+                np.array([g.job.temperature for g, _ in rows], np.float32),
+                np.array([g.job.timestamps for g, _ in rows], bool),
+                np.array([g.job.max_initial_timestamp for g, _ in rows], np.int32),
+                np.array([g.job.repetition_penalty for g, _ in rows], np.float32),
+                np.array([_row_key(g.job.key, r) for g, r in rows], np.uint32).reshape(-1, 2),
+            )
+
+        # The Choice's rows: each group's first slot, then the copies.
+        by_slot = {g.slots[0]: i for i, g in enumerate(groups)}
+        by_slot.update({groups[i].slots[r]: len(groups) + c for c, (i, r) in enumerate(copies)})
         device = self._device()
-        options = RowOptions(
-            np.array([g.job.temperature for g, _ in rows], np.float32),
-            np.array([g.job.timestamps for g, _ in rows], bool),
-            np.array([g.job.max_initial_timestamp for g, _ in rows], np.int32),
-            np.array([g.job.repetition_penalty for g, _ in rows], np.float32),
-            np.array([_row_key(g.job.key, r) for g, r in rows], np.uint32),
-        )
-        by_slot = {g.slots[r]: i for i, (g, r) in enumerate(rows)}
-        copies = [(by_slot[g.slots[0]], slot) for g in groups if g.job.beam_size > 1 for slot in g.slots[1:]]
         self._slots, choice, no_speech = self.programs.admit(
-            self._slots, jnp.stack([g.job.window.features for g, _ in rows]), [g.job.prefix for g, _ in rows],
-            [g.job.sot_index for g, _ in rows], [g.slots[r] for g, r in rows], options, self.tokenizer.no_speech or 0,
-            device, copies)
+            self._slots, jnp.stack([g.job.window.features for g in groups]), [g.job.prefix for g in groups],
+            [g.job.sot_index for g in groups], [g.slots[0] for g in groups], options([(g, 0) for g in groups]),
+            self.tokenizer.no_speech or 0, device, [(i, groups[i].slots[r]) for i, r in copies],
+            options([(groups[i], r) for i, r in copies]))
         self._slots_on = device
-        for g in groups:
+        for i, g in enumerate(groups):
             self._length[g.slots] = len(g.job.prefix)
             if self.tokenizer.no_speech is not None:
-                g.no_speech_prob = float(no_speech[by_slot[g.slots[0]]])
+                g.no_speech_prob = float(no_speech[i])
             for slot in g.slots:
                 self._groups[slot] = g
         self._decide(groups, choice, by_slot)
