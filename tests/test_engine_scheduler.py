@@ -296,6 +296,49 @@ def test_a_step_computes_only_the_blocks_that_hold_live_slots(tiny_engine):
     assert given == sorted(given, reverse=True) and set(given) == {1, 2, 3}
 
 
+def test_a_row_left_alone_past_the_first_block_moves_into_it(tiny_engine):
+    """Five windows in slots 0 to 4 (blocks of 1, 3 and 4 rows); the first four end after three
+    tokens: the fifth moves into slot 0, and its steps are given one block from then on. It
+    decodes as it does alone: its caches, state and options (a seeded sample with a repetition
+    penalty) moved with it."""
+    tok = tiny_engine.tokenizer
+    programs = endless(tiny_engine, 8)
+    given: list[int] = []
+    moves: list = []
+    step, move = programs._step, programs.move
+
+    def recording_step(params, cross, moving, *args, **kwargs):
+        given.append(len(moving[0][0]))
+        return step(params, cross, moving, *args, **kwargs)
+
+    def recording_move(slots, pairs, device=None):
+        moves.append(list(pairs))
+        return move(slots, pairs, device)
+
+    programs._step, programs.move = recording_step, recording_move
+    scheduler = DecodeScheduler(programs, tok)
+
+    def jobs() -> list[DecodeJob]:
+        short = [DecodeJob(Window(noise(tiny_engine.dims.n_mels, 90 + i)), english(tok), 0, timestamps=False,
+                           sample_len=3) for i in range(4)]
+        return short + [DecodeJob(Window(noise(tiny_engine.dims.n_mels, 94)), english(tok), 0, temperature=0.7,
+                                  key=(3, 4), repetition_penalty=1.5, timestamps=False, sample_len=16)]
+
+    try:
+        alone = [scheduler.submit(job).result(timeout=300) for job in jobs()]
+        assert moves == []
+        given.clear()
+        with scheduler._cv:  # admitted together, into slots 0 to 4
+            together = [scheduler.submit(job) for job in jobs()]
+        together = [f.result(timeout=300) for f in together]
+    finally:
+        scheduler.close()
+    assert moves == [[(4, 0)]]
+    assert given[0] == 3 and given[-12:] == [1] * 12
+    assert [t.tokens for t in together] == [a.tokens for a in alone]
+    assert together[4].sum_logprob == pytest.approx(alone[4].sum_logprob, abs=1e-4)
+
+
 def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine):
     """A best-of job is admitted as one row (its window's caches computed once) copied into its
     other slots, and each sample draws what a lone sample with its key draws: the result is the
@@ -329,22 +372,26 @@ def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine
 @pytest.mark.parametrize("lanes", ["on", "off"])
 def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, lanes):
     """Every program a scheduler runs (language detection, admissions, steps fed by the host and
-    queued ones, over any number of blocks) was compiled by the warm-up: no request waits on
-    the compiler."""
+    queued ones, over any number of blocks, a move into a lower slot) was compiled by the
+    warm-up: no request waits on the compiler."""
     monkeypatch.setenv(SWITCH, lanes)
     tok = tiny_engine.tokenizer
     programs = endless(tiny_engine, 3)
     programs.warmup(tok.sot, tok.is_multilingual)
-    jitted = ("_encode", "_detect", "_admit", "_step")
+    jitted = ("_encode", "_detect", "_admit", "_step", "_move")
     compiled = {name: getattr(programs, name)._cache_size() for name in jitted}
+    moves = []
+    move = programs.move
+    programs.move = lambda slots, pairs, device=None: moves.append(pairs) or move(slots, pairs, device)
     scheduler = DecodeScheduler(programs, tok)
     n_mels = tiny_engine.dims.n_mels
     try:
         assert scheduler.detect_language(Window(noise(n_mels, 70))).result(timeout=300).shape == (len(tok.language_tokens),)
-        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 71)), english(tok), 0, timestamps=False, sample_len=70))
+        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 71)), english(tok), 0, timestamps=False, sample_len=30))
         rest = [scheduler.submit(DecodeJob(Window(noise(n_mels, 72 + i)), english(tok), 0, timestamps=False,
                                            sample_len=5 + 20 * i)) for i in range(3)]
-        assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [70, 5, 25, 45]
+        assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [30, 5, 25, 45]
     finally:
         scheduler.close()
+    assert moves  # the last window outlives the first's slot 0
     assert {name: getattr(programs, name)._cache_size() for name in jitted} == compiled

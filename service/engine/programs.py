@@ -12,13 +12,16 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
   row whose caches (cross keys/values, prefilled self-attention) are also written into its
   other slots: computed once, not per slot. Each copy gets its own options and first token
   (a best-of sample draws it with its own key).
+- `move`: slots take over others' caches, state and options (live rows gather in the first
+  blocks when the slots before them have been freed).
 - `step`: feed every slot the token the host decided for it (optionally reordering rows first,
   for beam search) and choose the next: the one compiled decode step.
 
 The slots' caches are cut into blocks of 1, 3, 12, ... rows (model.py), and a step is
 compiled for each number of leading blocks: it computes the rows of the blocks that hold live
 slots, and the host fills the lowest free slots first, so a lone window costs a one-row step,
-not a step for every slot (on CPU, base: 12 ms against 37 ms for 8 rows).
+not a step for every slot (on CPU, base: 12 ms against 37 ms for 8 rows). When rows before a
+live one end, the host moves it into a free lower slot if its steps then need fewer blocks.
 
 The programs propose tokens; the host decides (a sampled row takes its choice, beam search
 picks among each row's top candidates), and the next step feeds the decision in.
@@ -133,6 +136,7 @@ class Programs:
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
+        self._move = jax.jit(self._move_impl, donate_argnums=(0,))
         self.alignment_heads = list(alignment_heads)
         self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
         self._align = jax.jit(self._align_impl)
@@ -180,32 +184,14 @@ class Programs:
         def put(big, small, small_copies):
             return big.at[all_slots].set(jnp.concatenate([small, small_copies]), mode="drop")
 
-        # Every (new row, slot) pair: the rows' own slots, then the copies, in slot order so that
-        # each block's pairs are consecutive. Each block loops over its pairs and writes the row
-        # of every layer's caches in place (scattering each cache into each block separately
-        # would make admission many times longer to compile).
+        # Every (new row, slot) pair: the rows' own slots, then the copies, in slot order.
         rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
         targets = jnp.concatenate([slot_ids, copy_slots])
         order = jnp.argsort(targets)
         rows, targets = rows[order], targets[order]
         new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of k rows each
-        old = slots.cache
-        per_block = list(zip(*(*old.self_k, *old.self_v, *old.cross_k, *old.cross_v)))  # [block][cache]
-        written, start = [], 0
-        for caches in per_block:
-            n = caches[0].shape[0]
-
-            def write(i, caches, start=start):
-                row, slot = rows[i], targets[i] - start
-                return tuple(jax.lax.dynamic_update_index_in_dim(c, jax.lax.dynamic_index_in_dim(r, row, keepdims=False),
-                                                                 slot, 0) for c, r in zip(caches, new_rows))
-
-            lo, hi = jnp.searchsorted(targets, start), jnp.searchsorted(targets, start + n)
-            written.append(jax.lax.fori_loop(lo, hi, write, tuple(caches)))
-            start += n
-        layers = self.dims.n_text_layer
-        by_cache = [tuple(block[c] for block in written) for c in range(4 * layers)]  # [cache][block]
-        cache = model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
+        cache = self._write_rows(slots.cache, targets, lambda i, _: tuple(
+            jax.lax.dynamic_index_in_dim(r, rows[i], keepdims=False) for r in new_rows))
         slots = Slots(
             cache,
             RowState(*(put(b, s, c) for b, s, c in zip(slots.state, state, copy_state))),
@@ -213,6 +199,52 @@ class Programs:
             put(slots.position, length, length[copy_rows]),
         )
         return slots, choice, no_speech_prob
+
+    def _write_rows(self, cache: model.KVCache, targets: jax.Array, row) -> model.KVCache:
+        """`cache` with, for each i in order, row(i, blocks) written into slot targets[i] of every
+        cache of every layer (targets in increasing order; past the last slot: none). `blocks`
+        are the cache's blocks as they are at that point ([block][cache], caches in KVCache order).
+        Each block loops over its targets and writes in place (scattering each cache into each
+        block separately would make the programs many times longer to compile)."""
+        layers = self.dims.n_text_layer
+        blocks = [list(b) for b in zip(*(*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v))]
+        start = 0
+        for b in range(len(blocks)):
+            n = blocks[b][0].shape[0]
+
+            def write(i, caches, b=b, start=start):
+                values = row(i, blocks[:b] + [caches] + blocks[b + 1:])  # this block as the loop has it
+                return tuple(jax.lax.dynamic_update_index_in_dim(c, v, targets[i] - start, 0)
+                             for c, v in zip(caches, values))
+
+            lo, hi = jnp.searchsorted(targets, start), jnp.searchsorted(targets, start + n)
+            blocks[b] = list(jax.lax.fori_loop(lo, hi, write, tuple(blocks[b])))
+            start += n
+        by_cache = [tuple(block[c] for block in blocks) for c in range(4 * layers)]  # [cache][block]
+        return model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
+
+    def _move_impl(self, slots: Slots, sources, targets):
+        """Slot targets[i] takes over slot sources[i]: its caches, state, options and position
+        (past the last slot: no move). Targets are free slots and no source is a target, so
+        the moves may be made in any order."""
+        order = jnp.argsort(targets)
+        sources, targets = sources[order], targets[order]
+        starts = np.cumsum((0,) + self.blocks[:-1])
+
+        def read(i, blocks):  # slot sources[i] of each cache
+            values = []
+            for c in range(len(blocks[0])):
+                value = None
+                for block, start in zip(blocks, starts):
+                    at = jnp.clip(sources[i] - start, 0, block[c].shape[0] - 1)
+                    here = jax.lax.dynamic_index_in_dim(block[c], at, keepdims=False)
+                    value = here if value is None else jnp.where(sources[i] >= start, here, value)
+                values.append(value)
+            return tuple(values)
+
+        take = lambda x: x.at[targets].set(x[jnp.minimum(sources, self.n_slots - 1)], mode="drop")  # noqa: E731
+        return Slots(self._write_rows(slots.cache, targets, read), RowState(*map(take, slots.state)),
+                     RowOptions(*map(take, slots.options)), take(slots.position))
 
     def _step_impl(self, params, cross, moving, tokens, source, candidates, reorder: bool, kv_len: int):
         """`cross` (keys/values) is only read; `moving` (self-attention cache, row state and
@@ -282,6 +314,7 @@ class Programs:
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
                     slots, *_ = self.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0, device)
+            slots = self.move(slots, [], device)
             for rows in np.cumsum(self.blocks)[:-1]:  # fewer blocks than all: one length
                 slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), rows=int(rows), device=device)
             for length in self.kv_sizes:  # all blocks, and the reordering step of beam search
@@ -364,6 +397,14 @@ class Programs:
             copy_options)
         picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
         return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
+
+    def move(self, slots: Slots, moves: list[tuple[int, int]], device: jax.Device | None = None) -> Slots:
+        """`moves`: (from, to) pairs of slots: each `to` (a free slot) takes over its `from`'s
+        caches, state, options and position, so that live rows may gather in the first blocks.
+        `device`: where the slots are (see `place`)."""
+        pairs = np.full((2, self.n_slots), self.n_slots, np.int32)  # past the last slot: no move
+        pairs[:, : len(moves)] = np.asarray(moves, np.int32).reshape(-1, 2).T
+        return self._move(self.place(slots, device), pairs[0], pairs[1])
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the

@@ -410,6 +410,12 @@ class DecodeScheduler:
         """Queue a step, then decide on the one queued before it (if any). The host's feed is
         used when nothing is queued (after an admission or a beam search's step); otherwise
         the queued step's own picks, which are what the host would feed."""
+        if self._moves():  # first decide on the queued step: its picks are fed by slot
+            if self._queued is not None:
+                self._settle()
+            self._gather()
+            if not self._active():
+                return
         reorder = bool((self._source != np.arange(len(self._source))).any())
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
@@ -427,6 +433,34 @@ class DecodeScheduler:
         self._queued = choice
         if beams or self._all_end_next():
             self._settle()  # beams: the host decides what the next step is fed
+
+    def _moves(self) -> list[tuple[int, int]]:
+        """(from, to) slots: the live rows past the first n slots, n live rows in all, into the
+        free slots among the first n, when steps then compute fewer blocks. None while a beam
+        search's reordering is pending (it reads rows by slot)."""
+        live = [slot for slot, g in enumerate(self._groups) if g is not None]
+        if not live or (self._source != np.arange(len(self._source))).any():
+            return []
+        ends = np.cumsum(self.programs.blocks)
+        if np.searchsorted(ends, live[-1] + 1) == np.searchsorted(ends, len(live)):
+            return []
+        free = [slot for slot in range(len(live)) if self._groups[slot] is None]
+        return list(zip([slot for slot in live if slot >= len(live)], free))
+
+    def _gather(self) -> None:
+        """Move the live rows into the first slots (see `_moves`). A move copies a row's caches
+        once (for `base` on CPU a few milliseconds); each later step of the rows left in the
+        first blocks saves more than that."""
+        moves = self._moves()
+        if not moves:
+            return
+        device = self._device()
+        self._slots, self._slots_on = self.programs.move(self._slots, moves, device), device
+        for old, new in moves:
+            g = self._groups[old]
+            g.slots[g.slots.index(old)] = new
+            self._groups[new], self._groups[old] = g, None
+            self._feed[new], self._length[new] = self._feed[old], self._length[old]
 
     def _settle(self) -> None:
         """Decide on the queued step's proposals."""
