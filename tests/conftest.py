@@ -1,10 +1,17 @@
 """Shared fixtures: random-weight Whisper models built once per test session (no model hub)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("DRAGOMAN_COMPILATION_CACHE", "off")
+# The session's own compilation cache, empty at its start and removed at its end: the many
+# engines, schedulers and servers of the tests compile programs of the same shapes, each once.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="dragoman-test-jax-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+os.environ["DRAGOMAN_COMPILATION_CACHE"] = COMPILATION_CACHE
 
 import jax
 import pytest
@@ -13,6 +20,8 @@ from random_models import build_model
 
 # Parity with the PyTorch references needs full-precision float32 matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @pytest.fixture(scope="session")
