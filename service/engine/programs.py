@@ -173,31 +173,23 @@ class Programs:
             n_sampled=jnp.zeros(k, jnp.int32),
             seen=seen,
         )
-        choice = choose_tokens(logits[:, 1], state, options, self.vocab)
-        # The copies draw from their row's logits with their own options (no candidates: a beam
-        # search reads its first row's).
-        copy_state = RowState(*(x[copy_rows] for x in state))
-        copy_choice = choose_tokens(logits[copy_rows, 1], copy_state, copy_options, self.vocab, candidates=False)
-        choice = tuple(jnp.concatenate(pair) for pair in zip(choice, copy_choice))
-        all_slots = jnp.concatenate([slot_ids, copy_slots])
-
-        def put(big, small, small_copies):
-            return big.at[all_slots].set(jnp.concatenate([small, small_copies]), mode="drop")
-
-        # Every (new row, slot) pair: the rows' own slots, then the copies, in slot order.
+        # Every (row, slot) pair: the rows' own slots, then the copies, which start as their row
+        # does and draw from its logits with their own options (one choice over all of them).
         rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
         targets = jnp.concatenate([slot_ids, copy_slots])
+        state = RowState(*(x[rows] for x in state))
+        options = RowOptions(*(jnp.concatenate(pair) for pair in zip(options, copy_options)))
+        choice = choose_tokens(logits[rows, 1], state, options, self.vocab)
+        put = lambda big, small: big.at[targets].set(small, mode="drop")  # noqa: E731
+        slots = Slots(slots.cache, RowState(*map(put, slots.state, state)), RowOptions(*map(put, slots.options, options)),
+                      put(slots.position, length[rows]))
+        # The caches, in slot order.
         order = jnp.argsort(targets)
         rows, targets = rows[order], targets[order]
         new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of k rows each
         cache = self._write_rows(slots.cache, targets, lambda i, _: tuple(
             jax.lax.dynamic_index_in_dim(r, rows[i], keepdims=False) for r in new_rows))
-        slots = Slots(
-            cache,
-            RowState(*(put(b, s, c) for b, s, c in zip(slots.state, state, copy_state))),
-            RowOptions(*(put(b, s, c) for b, s, c in zip(slots.options, options, copy_options))),
-            put(slots.position, length, length[copy_rows]),
-        )
+        slots = slots._replace(cache=cache)
         return slots, choice, no_speech_prob
 
     def _write_rows(self, cache: model.KVCache, targets: jax.Array, row) -> model.KVCache:
