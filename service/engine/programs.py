@@ -378,8 +378,7 @@ class Programs:
         ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
         ids[:k] = slot_ids
         options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
-        pairs = np.full((2, self.n_slots), self.n_slots, np.int32)  # past the last slot: no copy
-        pairs[:, : len(copies)] = np.asarray(copies, np.int32).reshape(-1, 2).T
+        pairs = self._slot_pairs(copies)
         if copy_options is None:
             copy_options = RowOptions(*(o[:0] for o in options))
         copy_options = RowOptions(*(self._pad_rows(jnp.asarray(o), self.n_slots) for o in copy_options))
@@ -394,9 +393,18 @@ class Programs:
         """`moves`: (from, to) pairs of slots: each `to` (a free slot) takes over its `from`'s
         caches, state, options and position, so that live rows may gather in the first blocks.
         `device`: where the slots are (see `place`)."""
-        pairs = np.full((2, self.n_slots), self.n_slots, np.int32)  # past the last slot: no move
-        pairs[:, : len(moves)] = np.asarray(moves, np.int32).reshape(-1, 2).T
+        pairs = self._slot_pairs(moves)
         return self._move(self.place(slots, device), pairs[0], pairs[1])
+
+    def _slot_pairs(self, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """[2, n_slots]: the pairs' first and second members, padded past the last slot (none)."""
+        out = np.full((2, self.n_slots), self.n_slots, np.int32)
+        out[:, : len(pairs)] = np.asarray(pairs, np.int32).reshape(-1, 2).T
+        return out
+
+    def blocks_holding(self, rows: int) -> int:
+        """How many leading blocks hold the first `rows` slots: the blocks a step for them computes."""
+        return int(np.searchsorted(np.cumsum(self.blocks), rows)) + 1
 
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
@@ -432,7 +440,7 @@ class Programs:
         before the host has seen the last one's tokens."""
         c = slots.cache
         reorder = source is not None
-        n = len(self.blocks) if reorder or rows is None else int(np.searchsorted(np.cumsum(self.blocks), rows)) + 1
+        n = len(self.blocks) if reorder or rows is None else self.blocks_holding(rows)
         first = lambda layers: tuple(blocks[:n] for blocks in layers)  # noqa: E731
         moving = (first(c.self_k), first(c.self_v), slots.state, slots.options, slots.position)
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)

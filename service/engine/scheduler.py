@@ -410,13 +410,10 @@ class DecodeScheduler:
         """Queue a step, then decide on the one queued before it (if any). The host's feed is
         used when nothing is queued (after an admission or a beam search's step); otherwise
         the queued step's own picks, which are what the host would feed."""
-        if self._moves():  # first decide on the queued step: its picks are fed by slot
-            if self._queued is not None:
-                self._settle()
-            self._gather()
-            if not self._active():
-                return
-        reorder = bool((self._source != np.arange(len(self._source))).any())
+        self._gather()
+        if not self._active():  # the queued step decided on before a move ended every row
+            return
+        reorder = self._reorder_pending()
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
         beams = any(self._groups[slot].job.beam_size > 1 for slot in live)
@@ -434,15 +431,18 @@ class DecodeScheduler:
         if beams or self._all_end_next():
             self._settle()  # beams: the host decides what the next step is fed
 
+    def _reorder_pending(self) -> bool:
+        """A beam search's rows take others' at the next step."""
+        return bool((self._source != np.arange(len(self._source))).any())
+
     def _moves(self) -> list[tuple[int, int]]:
         """(from, to) slots: the live rows past the first n slots, n live rows in all, into the
         free slots among the first n, when steps then compute fewer blocks. None while a beam
         search's reordering is pending (it reads rows by slot)."""
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
-        if not live or (self._source != np.arange(len(self._source))).any():
+        if not live or self._reorder_pending():
             return []
-        ends = np.cumsum(self.programs.blocks)
-        if np.searchsorted(ends, live[-1] + 1) == np.searchsorted(ends, len(live)):
+        if self.programs.blocks_holding(live[-1] + 1) == self.programs.blocks_holding(len(live)):
             return []
         free = [slot for slot in range(len(live)) if self._groups[slot] is None]
         return list(zip([slot for slot in live if slot >= len(live)], free))
@@ -450,7 +450,12 @@ class DecodeScheduler:
     def _gather(self) -> None:
         """Move the live rows into the first slots (see `_moves`). A move copies a row's caches
         once (for `base` on CPU a few milliseconds); each later step of the rows left in the
-        first blocks saves more than that."""
+        first blocks saves more than that. The queued step is decided on first: its picks are
+        fed by slot."""
+        if not self._moves():
+            return
+        if self._queued is not None:
+            self._settle()
         moves = self._moves()
         if not moves:
             return
