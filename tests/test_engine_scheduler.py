@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +14,9 @@ from service.engine.lanes import SWITCH, cpu_lanes, split_cores
 from service.engine.programs import Programs
 from service.engine.rules import Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # each program compiled or read from the disk cache
+PROGRAMS = {"jit(encode)", "jit(_detect_impl)", "jit(_admit_impl)", "jit(_step_impl)", "jit(_move_impl)"}
 
 
 def endless(engine, n_slots: int) -> Programs:
@@ -373,25 +377,42 @@ def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine
 def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, lanes):
     """Every program a scheduler runs (language detection, admissions, steps fed by the host and
     queued ones, over any number of blocks, a move into a lower slot) was compiled by the
-    warm-up: no request waits on the compiler."""
+    warm-up, which compiles without running: no request waits on the compiler (nor on the disk
+    cache of compiled programs)."""
     monkeypatch.setenv(SWITCH, lanes)
     tok = tiny_engine.tokenizer
     programs = endless(tiny_engine, 3)
-    programs.warmup(tok.sot, tok.is_multilingual)
-    jitted = ("_encode", "_detect", "_admit", "_step", "_move")
-    compiled = {name: getattr(programs, name)._cache_size() for name in jitted}
-    moves = []
-    move = programs.move
-    programs.move = lambda slots, pairs, device=None: moves.append(pairs) or move(slots, pairs, device)
-    scheduler = DecodeScheduler(programs, tok)
-    n_mels = tiny_engine.dims.n_mels
+    compiled: list[str] = []
+
+    def on_compile(event: str, _seconds: float, fun_name: str = "", **_) -> None:
+        if event == COMPILE_EVENT:
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
     try:
-        assert scheduler.detect_language(Window(noise(n_mels, 70))).result(timeout=300).shape == (len(tok.language_tokens),)
-        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 71)), english(tok), 0, timestamps=False, sample_len=30))
-        rest = [scheduler.submit(DecodeJob(Window(noise(n_mels, 72 + i)), english(tok), 0, timestamps=False,
-                                           sample_len=5 + 20 * i)) for i in range(3)]
-        assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [30, 5, 25, 45]
+        programs.warmup(tok.sot, tok.is_multilingual)
+        warmed_up = set(compiled)
+        compiled.clear()
+        moves = []
+        move = programs.move
+        programs.move = lambda slots, pairs, device=None: moves.append(pairs) or move(slots, pairs, device)
+        scheduler = DecodeScheduler(programs, tok)
+        n_mels = tiny_engine.dims.n_mels
+        try:
+            assert scheduler.detect_language(Window(noise(n_mels, 70))).result(timeout=300).shape == (
+                len(tok.language_tokens),)
+            first = scheduler.submit(DecodeJob(Window(noise(n_mels, 71)), english(tok), 0, timestamps=False,
+                                               sample_len=30))
+            rest = [scheduler.submit(DecodeJob(Window(noise(n_mels, 72 + i)), english(tok), 0, timestamps=False,
+                                               sample_len=5 + 20 * i)) for i in range(3)]
+            assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [30, 5, 25, 45]
+        finally:
+            scheduler.close()
+        serving = list(compiled)
+        jax.jit(lambda x: x + 1)(np.zeros(3))  # the listener hears compiles
     finally:
-        scheduler.close()
+        jax.monitoring.unregister_event_duration_listener(on_compile)
     assert moves  # the last window outlives the first's slot 0
-    assert {name: getattr(programs, name)._cache_size() for name in jitted} == compiled
+    assert warmed_up >= PROGRAMS
+    assert not PROGRAMS & set(serving), serving
+    assert compiled[len(serving):] == ["jit(<lambda>)"]

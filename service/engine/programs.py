@@ -33,9 +33,10 @@ JAX's default device, or split over a mesh of local devices.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,21 @@ class Choice(NamedTuple):
     def fetch(self) -> "Choice":
         """The proposals on the host (waits for the program that computes them)."""
         return Choice(*(np.asarray(x) for x in self))
+
+
+class Call(NamedTuple):
+    """One run of a compiled program: the program and the arguments serving passes it. Called,
+    it runs; `compile` only compiles it, for exactly these arguments (their shapes, types and
+    placements), which is what the warm-up does."""
+    program: Any  # a jax.jit function
+    args: tuple
+    static: dict
+
+    def __call__(self):
+        return self.program(*self.args, **self.static)
+
+    def compile(self) -> None:
+        self.program.lower(*self.args, **self.static).compile()
 
 
 class Slots(NamedTuple):
@@ -287,41 +303,42 @@ class Programs:
     # ---- host-side entry points -----------------------------------------------------------
 
     def warmup(self, sot: int, detect_language: bool) -> None:
-        """Compile every program at every bucket, on every device it may run on: the encoder and
-        each device's decoder programs on threads of their own (compiling is most of the time)."""
+        """Compile every program at every bucket, on every device it may run on, for the very
+        arguments serving passes (see `Call`), without running any. Running each once cost
+        minutes of computing for large models on CPU, and memory: each device's warm-up held
+        slots and cross keys/values of its own (large-v3 at 8 slots on CPU ran out of 24 GB).
+        One set of stand-in slots serves every call, as nothing is donated. Programs compile
+        side by side, a few at a time: compiling is most of the time, and each compile of a
+        large model's program takes gigabytes of memory."""
         d = self.dims
-
-        def encoder_on(device) -> None:
-            for size in self.encode_sizes:
-                self.encode(np.zeros((size, d.n_mels, N_FRAMES), np.float32), device)
-
-        def decoder_on(device) -> None:
-            slots = self.empty_slots()
+        slots = self.empty_slots()
+        calls = [self._encode_call(np.zeros((size, d.n_mels, N_FRAMES), np.float32), device)
+                 for device in self.encode_devices for size in self.encode_sizes]
+        for device in self.decode_devices:
+            on_device = self.place(slots, device)
             for size in self.batch_sizes:
                 feats = self.place(jnp.zeros((size, d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
                 if detect_language:
-                    self.detect_language(feats, sot, device)
+                    calls.append(self._detect_call(feats, sot, device))
                 options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
                                      np.ones(size, np.float32), np.zeros((size, 2), np.uint32))
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
-                    slots, *_ = self.admit(slots, feats, prefixes, [0] * size, list(range(size)), options, 0, device)
-            slots = self.move(slots, [], device)
+                    calls.append(self._admit_call(on_device, feats, prefixes, [0] * size, list(range(size)), options,
+                                                  0, device)[0])
+            calls.append(self._move_call(on_device, []))
+            tokens = np.zeros(self.n_slots, np.int32)
             for rows in np.cumsum(self.blocks)[:-1]:  # fewer blocks than all: one length
-                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), rows=int(rows), device=device)
+                calls.append(self._step_call(on_device, tokens, rows=int(rows), device=device)[0])
             for length in self.kv_sizes:  # all blocks, and the reordering step of beam search
-                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), length=length, device=device)
-                slots, _ = self.step(slots, np.zeros(self.n_slots, np.int32), np.arange(self.n_slots), length=length,
-                                     device=device)
-
-        def aligner() -> None:  # word timestamps
+                calls.append(self._step_call(on_device, tokens, length=length, device=device)[0])
+                calls.append(self._step_call(on_device, tokens, np.arange(self.n_slots), length=length,
+                                             device=device)[0])
+        if self.alignment_heads:  # word timestamps
             feats = self.place(jnp.zeros((d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
-            for width in self.align_sizes if self.alignment_heads else ():
-                self.align(feats, [sot] * width)
-
-        work = [partial(encoder_on, x) for x in self.encode_devices] + [partial(decoder_on, x) for x in self.decode_devices]
-        with ThreadPoolExecutor(len(work) + 1, thread_name_prefix="warmup") as pool:
-            for done in [pool.submit(w) for w in work + [aligner]]:
+            calls += [self._align_call(feats, [sot] * width) for width in self.align_sizes]
+        with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 1, 4), thread_name_prefix="warmup") as pool:
+            for done in [pool.submit(call.compile) for call in calls]:
                 done.result()
 
     def empty_slots(self) -> Slots:
@@ -342,21 +359,28 @@ class Programs:
     def encode(self, mel: np.ndarray | jax.Array, device: jax.Device | None = None) -> jax.Array:
         """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets, computed on `device`
         (one of `encode_devices`; default the first) and left on `home`."""
-        device = device or self.encode_devices[0]
-        params = self._params_on[device]
-        k = mel.shape[0]
         largest = self.encode_sizes[-1]
         parts = []
-        for i in range(0, k, largest):
-            chunk = self.place(jnp.asarray(mel[i : i + largest]), device)  # one kind of input: one program
-            size = bucket(chunk.shape[0], self.encode_sizes)
-            parts.append(self.place(self._encode(params, self._pad_rows(chunk, size))[: chunk.shape[0]], self.home))
+        for i in range(0, mel.shape[0], largest):
+            chunk = mel[i : i + largest]
+            features = self._encode_call(chunk, device)()
+            if features.shape[0] > chunk.shape[0]:
+                features = features[: chunk.shape[0]]
+            parts.append(self.place(features, self.home))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
+    def _encode_call(self, mel: np.ndarray | jax.Array, device: jax.Device | None) -> Call:
+        device = device or self.encode_devices[0]
+        chunk = self.place(jnp.asarray(mel), device)  # one kind of input: one program
+        size = bucket(chunk.shape[0], self.encode_sizes)
+        return Call(self._encode, (self._params_on[device], self._pad_rows(chunk, size)), {})
+
     def detect_language(self, features: jax.Array, sot: int, device: jax.Device | None = None) -> np.ndarray:
-        k = features.shape[0]
-        padded = self.place(self._pad_rows(features, bucket(k, self.batch_sizes)), device)
-        return np.asarray(self._detect(self._params_on[device], padded, jnp.int32(sot)))[:k]
+        return np.asarray(self._detect_call(features, sot, device)())[: features.shape[0]]
+
+    def _detect_call(self, features: jax.Array, sot: int, device: jax.Device | None) -> Call:
+        padded = self.place(self._pad_rows(features, bucket(features.shape[0], self.batch_sizes)), device)
+        return Call(self._detect, (self._params_on[device], padded, jnp.int32(sot)), {})
 
     def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
               slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
@@ -365,6 +389,17 @@ class Programs:
         `copies`: (row, slot) pairs: the slot also gets the row's caches (cross keys/values and
         prefilled self-attention cache) and starts as the row does, with the options of
         `copy_options` (one per copy); their first tokens follow the k rows' in the Choice."""
+        call, size = self._admit_call(slots, features, prefixes, sot_index, slot_ids, options, no_speech, device,
+                                      copies, copy_options)
+        slots, choice, no_speech_prob = call()
+        k = len(prefixes)
+        picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
+        return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
+
+    def _admit_call(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
+                    slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None,
+                    copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None) -> tuple[Call, int]:
+        """The admission's Call, and its batch bucket."""
         k = len(prefixes)
         size = bucket(k, self.batch_sizes)
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)
@@ -382,19 +417,20 @@ class Programs:
         if copy_options is None:
             copy_options = RowOptions(*(o[:0] for o in options))
         copy_options = RowOptions(*(self._pad_rows(jnp.asarray(o), self.n_slots) for o in copy_options))
-        slots, choice, no_speech_prob = self._admit(
+        return Call(self._admit, (
             self._params_on[device], self.place(slots, device), self.place(self._pad_rows(features, size), device),
             prefix, length, sot, ids, options, jnp.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1],
-            copy_options)
-        picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
-        return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
+            copy_options), {}), size
 
     def move(self, slots: Slots, moves: list[tuple[int, int]], device: jax.Device | None = None) -> Slots:
         """`moves`: (from, to) pairs of slots: each `to` (a free slot) takes over its `from`'s
         caches, state, options and position, so that live rows may gather in the first blocks.
         `device`: where the slots are (see `place`)."""
+        return self._move_call(self.place(slots, device), moves)()
+
+    def _move_call(self, slots: Slots, moves: list[tuple[int, int]]) -> Call:
         pairs = self._slot_pairs(moves)
-        return self._move(self.place(slots, device), pairs[0], pairs[1])
+        return Call(self._move, (slots, pairs[0], pairs[1]), {})
 
     def _slot_pairs(self, pairs: list[tuple[int, int]]) -> np.ndarray:
         """[2, n_slots]: the pairs' first and second members, padded past the last slot (none)."""
@@ -409,12 +445,15 @@ class Programs:
     def align(self, features: jax.Array, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Cross-attention scores of the alignment heads [heads, len(tokens), n_audio_ctx] and the
         next-token probabilities [len(tokens), vocab] of one window's teacher-forced tokens."""
+        n = min(len(tokens), self.dims.n_text_ctx)
+        scores, probs = self._align_call(features, tokens)()
+        return np.asarray(scores)[:, :n], np.asarray(probs)[:n]
+
+    def _align_call(self, features: jax.Array, tokens: list[int]) -> Call:
         tokens = tokens[: self.dims.n_text_ctx]
-        width = bucket(len(tokens), self.align_sizes)
-        padded = np.zeros((1, width), np.int32)
+        padded = np.zeros((1, bucket(len(tokens), self.align_sizes)), np.int32)
         padded[0, : len(tokens)] = tokens
-        scores, probs = self._align(self.params, features[None], padded)
-        return np.asarray(scores)[:, : len(tokens)], np.asarray(probs)[: len(tokens)]
+        return Call(self._align, (self.params, features[None], padded), {})
 
     @staticmethod
     def place(tree, device: jax.Device | None):
@@ -438,6 +477,18 @@ class Programs:
         Returns at once: the Choice holds device arrays, `fetch()` waits for them. `tokens` may
         be the device array of the previous step's choice, so the next step can be queued
         before the host has seen the last one's tokens."""
+        call, n = self._step_call(slots, tokens, source, length, candidates, rows, device)
+        (self_k, self_v, state, options, position), choice = call()
+        c = slots.cache
+        rest = lambda new, old: tuple(a + b[n:] for a, b in zip(new, old))  # noqa: E731
+        slots = Slots(model.KVCache(rest(self_k, c.self_k), rest(self_v, c.self_v), c.cross_k, c.cross_v),
+                      state, options, position)
+        return slots, Choice(*choice)
+
+    def _step_call(self, slots: Slots, tokens: np.ndarray | jax.Array, source: np.ndarray | None = None,
+                   length: int | None = None, candidates: bool = True, rows: int | None = None,
+                   device: jax.Device | None = None) -> tuple[Call, int]:
+        """The step's Call, and the number of blocks it computes."""
         c = slots.cache
         reorder = source is not None
         n = len(self.blocks) if reorder or rows is None else self.blocks_holding(rows)
@@ -446,14 +497,9 @@ class Programs:
         src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
         kv_len = self.kv_sizes[-1] if n < len(self.blocks) else bucket(min(length or self.dims.n_text_ctx,
                                                                            self.dims.n_text_ctx), self.kv_sizes)
-        (self_k, self_v, state, options, position), choice = self._step(
-            self._params_on[device], (first(c.cross_k), first(c.cross_v)), moving,
-            self._feed(tokens, device), src,
-            np.bool_(candidates), reorder=reorder, kv_len=kv_len)
-        rest = lambda new, old: tuple(a + b[n:] for a, b in zip(new, old))  # noqa: E731
-        slots = Slots(model.KVCache(rest(self_k, c.self_k), rest(self_v, c.self_v), c.cross_k, c.cross_v),
-                      state, options, position)
-        return slots, Choice(*choice)
+        return Call(self._step, (self._params_on[device], (first(c.cross_k), first(c.cross_v)), moving,
+                                 self._feed(tokens, device), src, np.bool_(candidates)),
+                    dict(reorder=reorder, kv_len=kv_len)), n
 
     def _feed(self, tokens: np.ndarray | jax.Array, device: jax.Device | None) -> jax.Array:
         """A step's tokens, placed as the last step's choice is (which a queued step is fed):
