@@ -10,13 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from compile_events import COMPILE_EVENT, PROGRAMS
 from service.engine.lanes import SWITCH, cpu_lanes, split_cores
 from service.engine.programs import Programs
 from service.engine.rules import Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # each program compiled or read from the disk cache
-PROGRAMS = {"jit(encode)", "jit(_detect_impl)", "jit(_admit_impl)", "jit(_step_impl)", "jit(_move_impl)"}
 
 
 def endless(engine, n_slots: int) -> Programs:

@@ -1,4 +1,5 @@
-"""Several local devices: the batch is split across a mesh, and results do not change."""
+"""Several local devices: the batch is split across a mesh, results do not change, and the warm-up
+compiles every program serving runs."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from compile_events import COMPILE_EVENT, PROGRAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -15,11 +18,17 @@ import jax
 from audio_signals import speechlike
 from service.engine import Engine, TranscribeOptions
 engine = Engine.load({model!r}, max_batch=4)
+engine.warmup()
+compiled = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _s, fun_name="", **_: compiled.append(fun_name) if event == {event!r} else None)
 audio = speechlike(45.0, seed=3)
 greedy = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
 beams = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=2))
+jax.jit(lambda x: x + 1)(0.0)  # the listener hears compiles
 print(json.dumps({{"devices": jax.local_device_count(), "mesh": engine.programs.mesh is not None,
-                  "greedy": [s.tokens for s in greedy.segments], "beams": [s.tokens for s in beams.segments]}}))
+                  "greedy": [s.tokens for s in greedy.segments], "beams": [s.tokens for s in beams.segments],
+                  "compiled": compiled}}))
 engine.close()
 """
 
@@ -27,7 +36,7 @@ engine.close()
 def run(model_dir, devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    code = SCRIPT.format(tests=str(ROOT / "tests"), model=str(model_dir))
+    code = SCRIPT.format(tests=str(ROOT / "tests"), model=str(model_dir), event=COMPILE_EVENT)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -39,3 +48,7 @@ def test_batch_split_over_four_devices_gives_the_same_tokens(tiny_model):
     assert (four["devices"], four["mesh"]) == (4, True)
     assert four["greedy"] == one["greedy"] and any(four["greedy"])
     assert four["beams"] == one["beams"]
+    # The warm-up compiled every program for the mesh's placements as for one device's.
+    for result in (one, four):
+        assert not PROGRAMS & set(result["compiled"]), result["compiled"]
+        assert result["compiled"][-1] == "jit(<lambda>)"

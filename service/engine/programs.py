@@ -123,12 +123,14 @@ class Programs:
         self.lanes = lanes = cpu_lanes() if self.mesh is None else None
         self.params = params
         # The devices each side may run on (None: JAX's default device, or the mesh), and the
-        # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home`, placed
-        # there explicitly, and so are the warm-up's stand-ins for them: a program compiled for
-        # arrays with no placement of their own is compiled again for placed ones.
+        # parameters on each (on CPU, aliases of one copy). Encoder outputs rest on `home` (on a
+        # mesh, whole on every device), placed there explicitly, and so are the warm-up's
+        # stand-ins for them: a program compiled for arrays with no placement of their own, or
+        # another one, is compiled again for theirs.
         self.encode_devices = (None,) if lanes is None else (lanes.encode, lanes.decode, lanes.wide)
         self.decode_devices = (None,) if lanes is None else (lanes.decode, lanes.wide)
-        self.home = lanes.wide if lanes is not None else None if self.mesh is not None else devices[0]
+        self.home = (lanes.wide if lanes is not None else NamedSharding(self.mesh, PartitionSpec())
+                     if self.mesh is not None else devices[0])
         self._params_on = {None: params}
         if lanes is not None:
             self._params_on.update({d: jax.device_put(params, d) for d in (lanes.decode, lanes.encode, lanes.wide)})
@@ -456,9 +458,9 @@ class Programs:
         return Call(self._align, (self.params, features[None], padded), {})
 
     @staticmethod
-    def place(tree, device: jax.Device | None):
-        """Arrays (slots, features) on `device`, or where they are for None (JAX's default). CPU
-        lanes share memory: nothing is copied."""
+    def place(tree, device: jax.Device | NamedSharding | None):
+        """Arrays (slots, features) on `device` (on a mesh, a sharding), or where they are for
+        None (JAX's default). CPU lanes share memory: nothing is copied."""
         return tree if device is None else jax.device_put(tree, device)
 
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
