@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from compile_events import COMPILE_EVENT, PROGRAMS
+from compile_events import PROGRAMS, compiles
 from service.engine.lanes import SWITCH, cpu_lanes, split_cores
 from service.engine.programs import Programs
 from service.engine.rules import Vocabulary
@@ -380,14 +380,7 @@ def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, la
     monkeypatch.setenv(SWITCH, lanes)
     tok = tiny_engine.tokenizer
     programs = endless(tiny_engine, 3)
-    compiled: list[str] = []
-
-    def on_compile(event: str, _seconds: float, fun_name: str = "", **_) -> None:
-        if event == COMPILE_EVENT:
-            compiled.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(on_compile)
-    try:
+    with compiles() as compiled:
         programs.warmup(tok.sot, tok.is_multilingual)
         warmed_up = set(compiled)
         compiled.clear()
@@ -408,8 +401,6 @@ def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, la
             scheduler.close()
         serving = list(compiled)
         jax.jit(lambda x: x + 1)(np.zeros(3))  # the listener hears compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_compile)
     assert moves  # the last window outlives the first's slot 0
     assert warmed_up >= PROGRAMS
     assert not PROGRAMS & set(serving), serving

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compile_events import COMPILE_EVENT, PROGRAMS
+from compile_events import PROGRAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -16,16 +16,15 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import jax
 from audio_signals import speechlike
+from compile_events import compiles
 from service.engine import Engine, TranscribeOptions
 engine = Engine.load({model!r}, max_batch=4)
 engine.warmup()
-compiled = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, _s, fun_name="", **_: compiled.append(fun_name) if event == {event!r} else None)
 audio = speechlike(45.0, seed=3)
-greedy = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
-beams = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=2))
-jax.jit(lambda x: x + 1)(0.0)  # the listener hears compiles
+with compiles() as compiled:
+    greedy = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))
+    beams = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=2))
+    jax.jit(lambda x: x + 1)(0.0)  # the listener hears compiles
 print(json.dumps({{"devices": jax.local_device_count(), "mesh": engine.programs.mesh is not None,
                   "greedy": [s.tokens for s in greedy.segments], "beams": [s.tokens for s in beams.segments],
                   "compiled": compiled}}))
@@ -36,7 +35,7 @@ engine.close()
 def run(model_dir, devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    code = SCRIPT.format(tests=str(ROOT / "tests"), model=str(model_dir), event=COMPILE_EVENT)
+    code = SCRIPT.format(tests=str(ROOT / "tests"), model=str(model_dir))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
