@@ -125,7 +125,7 @@ class Engine:
 
     def detect_language(self, mel: np.ndarray) -> dict[str, float]:
         """Probability of each language, from one 30 s window of log-mel features."""
-        return self._language_probabilities(Window(mel))
+        return self._language_probabilities(Window(np.asarray(mel, np.float32)))
 
     def _language_probabilities(self, window: Window) -> dict[str, float]:
         probs = self.scheduler.detect_language(window).result()

@@ -86,11 +86,12 @@ def file_log_mel(audio: np.ndarray, n_mels: int, padding: int = 0) -> np.ndarray
         audio = np.concatenate([audio, np.zeros(padding, np.float32)])
     frames = n_frames(audio.shape[-1])
     mel = log_mel_spectrogram(reflect_pad(audio), frames, n_mels)
-    return np.asarray(mel[..., :frames])
+    return np.asarray(mel)[..., :frames]
 
 
-def window_log_mel(windows: np.ndarray, n_mels: int) -> jax.Array:
-    """Log-mel of 30 s windows [B, N_SAMPLES] (zero-padded), floor per window: [B, n_mels, 3000]."""
+def window_log_mel(windows: np.ndarray, n_mels: int) -> np.ndarray:
+    """Log-mel of 30 s windows [B, N_SAMPLES] (zero-padded), floor per window: [B, n_mels, 3000].
+    On the host, as the encoder takes them: slicing them on the device compiles a program."""
     frames = n_frames(N_SAMPLES)
-    mel = log_mel_spectrogram(reflect_pad(windows), jnp.full((windows.shape[0],), frames), n_mels)
-    return mel[..., :frames]
+    mel = log_mel_spectrogram(reflect_pad(windows), np.full((windows.shape[0],), frames), n_mels)
+    return np.asarray(mel)[..., :frames]

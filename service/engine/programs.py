@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -150,7 +149,10 @@ class Programs:
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
         self.kv_sizes = tuple(sorted({n for n in (64, 128, 256) if n < dims.n_text_ctx} | {dims.n_text_ctx}))
         self.language_ids = jnp.asarray(language_ids, jnp.int32)
-        self._encode = jax.jit(partial(model.encode, dims=dims, chunks=chunks))
+        self._chunks = chunks
+        # A stand-in for the features of a batch's padding rows (see `_rows`).
+        self._blank = jax.device_put(np.zeros((dims.n_audio_ctx, dims.n_audio_state), self.dtype), self.home)
+        self._encode = jax.jit(self._encode_impl)
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
@@ -161,7 +163,12 @@ class Programs:
 
     # ---- the programs ----------------------------------------------------------------------
 
-    def _detect_impl(self, params, features: jax.Array, sot: jax.Array) -> jax.Array:
+    def _encode_impl(self, params, mel: jax.Array) -> tuple[jax.Array, ...]:
+        """Each window's features an array of its own: windows part ways after encoding."""
+        return tuple(model.encode(params, mel, self.dims, self._chunks))
+
+    def _detect_impl(self, params, rows: tuple[jax.Array, ...], sot: jax.Array) -> jax.Array:
+        features = jnp.stack(rows)
         b = features.shape[0]
         ck, cv = model.cross_kv(params, features, self.dims)
         sk, sv = model.empty_self_cache(self.dims, b, self.dtype, length=1)
@@ -170,12 +177,13 @@ class Programs:
                                  jnp.zeros((b, 1), jnp.int32), self.dims)
         return jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1)
 
-    def _admit_impl(self, params, slots: Slots, features, prefix, length, sot_index, slot_ids, options: RowOptions,
-                    no_speech, copy_rows, copy_slots, copy_options: RowOptions):
+    def _admit_impl(self, params, slots: Slots, rows: tuple[jax.Array, ...], prefix, length, sot_index, slot_ids,
+                    options: RowOptions, no_speech, copy_rows, copy_slots, copy_options: RowOptions):
         """Rows 0..k-1 go into slots slot_ids (past the last slot: padding, dropped); the caches
         of row copy_rows[i] are also written into slot copy_slots[i] (past the last slot: none),
         which starts as that row does, with options copy_options[i]. The choices: the k rows',
         then the copies'."""
+        features = jnp.stack(rows)
         k = features.shape[0]
         ck, cv = model.cross_kv(params, features, self.dims)
         sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
@@ -293,7 +301,7 @@ class Programs:
         return (cache.self_k, cache.self_v, state, options, put(position, live_position + 1)), tuple(map(pad, choice))
 
     def _align_impl(self, params, features, tokens):
-        ck, cv = model.cross_kv(params, features, self.dims)
+        ck, cv = model.cross_kv(params, features[None], self.dims)
         sk, sv = model.empty_self_cache(self.dims, 1, self.dtype)
         scores: list = []
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
@@ -319,7 +327,7 @@ class Programs:
         for device in self.decode_devices:
             on_device = self.place(slots, device)
             for size in self.batch_sizes:
-                feats = self.place(jnp.zeros((size, d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
+                feats = [self._blank] * size
                 if detect_language:
                     calls.append(self._detect_call(feats, sot, device))
                 options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
@@ -337,8 +345,7 @@ class Programs:
                 calls.append(self._step_call(on_device, tokens, np.arange(self.n_slots), length=length,
                                              device=device)[0])
         if self.alignment_heads:  # word timestamps
-            feats = self.place(jnp.zeros((d.n_audio_ctx, d.n_audio_state), self.dtype), self.home)
-            calls += [self._align_call(feats, [sot] * width) for width in self.align_sizes]
+            calls += [self._align_call(self._blank, [sot] * width) for width in self.align_sizes]
         with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 1, 4), thread_name_prefix="warmup") as pool:
             for done in [pool.submit(call.compile) for call in calls]:
                 done.result()
@@ -358,33 +365,33 @@ class Programs:
             return jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
         return self.place(slots, self.home)  # placed, as every program's outputs are
 
-    def encode(self, mel: np.ndarray | jax.Array, device: jax.Device | None = None) -> jax.Array:
-        """[k, n_mels, 3000] -> [k, n_audio_ctx, state], in batch buckets, computed on `device`
-        (one of `encode_devices`; default the first) and left on `home`."""
+    def encode(self, mel: np.ndarray, device: jax.Device | None = None) -> list[jax.Array]:
+        """Log-mel windows [k, n_mels, 3000] (on the host) -> each window's features
+        [n_audio_ctx, state], in batch buckets, computed on `device` (one of `encode_devices`;
+        default the first) and left on `home`."""
         largest = self.encode_sizes[-1]
-        parts = []
+        features = []
         for i in range(0, mel.shape[0], largest):
             chunk = mel[i : i + largest]
-            features = self._encode_call(chunk, device)()
-            if features.shape[0] > chunk.shape[0]:
-                features = features[: chunk.shape[0]]
-            parts.append(self.place(features, self.home))
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+            features += self._encode_call(chunk, device)()[: chunk.shape[0]]
+        return self.place(features, self.home)
 
-    def _encode_call(self, mel: np.ndarray | jax.Array, device: jax.Device | None) -> Call:
+    def _encode_call(self, mel: np.ndarray, device: jax.Device | None) -> Call:
         device = device or self.encode_devices[0]
-        chunk = self.place(jnp.asarray(mel), device)  # one kind of input: one program
-        size = bucket(chunk.shape[0], self.encode_sizes)
-        return Call(self._encode, (self._params_on[device], self._pad_rows(chunk, size)), {})
+        size = bucket(mel.shape[0], self.encode_sizes)
+        # Placed, even where `device` is None: a host array and a device one would each get a program.
+        chunk = jax.device_put(self._pad_rows(np.asarray(mel, np.float32), size), device)
+        return Call(self._encode, (self._params_on[device], chunk), {})
 
-    def detect_language(self, features: jax.Array, sot: int, device: jax.Device | None = None) -> np.ndarray:
-        return np.asarray(self._detect_call(features, sot, device)())[: features.shape[0]]
+    def detect_language(self, features: list[jax.Array], sot: int, device: jax.Device | None = None) -> np.ndarray:
+        """Language probabilities [len(features), languages] of windows' features."""
+        return np.asarray(self._detect_call(features, sot, device)())[: len(features)]
 
-    def _detect_call(self, features: jax.Array, sot: int, device: jax.Device | None) -> Call:
-        padded = self.place(self._pad_rows(features, bucket(features.shape[0], self.batch_sizes)), device)
-        return Call(self._detect, (self._params_on[device], padded, jnp.int32(sot)), {})
+    def _detect_call(self, features: list[jax.Array], sot: int, device: jax.Device | None) -> Call:
+        rows = self.place(self._rows(features, bucket(len(features), self.batch_sizes)), device)
+        return Call(self._detect, (self._params_on[device], rows, np.int32(sot)), {})
 
-    def admit(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
+    def admit(self, slots: Slots, features: list[jax.Array], prefixes: list[list[int]], sot_index: list[int],
               slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
               copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None):
         """Returns (slots, Choice of the first tokens, no-speech probabilities) for the k rows.
@@ -398,7 +405,7 @@ class Programs:
         picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
         return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
 
-    def _admit_call(self, slots: Slots, features: jax.Array, prefixes: list[list[int]], sot_index: list[int],
+    def _admit_call(self, slots: Slots, features: list[jax.Array], prefixes: list[list[int]], sot_index: list[int],
                     slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None,
                     copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None) -> tuple[Call, int]:
         """The admission's Call, and its batch bucket."""
@@ -414,14 +421,14 @@ class Programs:
         sot[:k] = sot_index
         ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
         ids[:k] = slot_ids
-        options = RowOptions(*(self._pad_rows(jnp.asarray(o), size) for o in options))
+        options = RowOptions(*(self._pad_rows(np.asarray(o), size) for o in options))
         pairs = self._slot_pairs(copies)
         if copy_options is None:
             copy_options = RowOptions(*(o[:0] for o in options))
-        copy_options = RowOptions(*(self._pad_rows(jnp.asarray(o), self.n_slots) for o in copy_options))
+        copy_options = RowOptions(*(self._pad_rows(np.asarray(o), self.n_slots) for o in copy_options))
         return Call(self._admit, (
-            self._params_on[device], self.place(slots, device), self.place(self._pad_rows(features, size), device),
-            prefix, length, sot, ids, options, jnp.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1],
+            self._params_on[device], self.place(slots, device), self.place(self._rows(features, size), device),
+            prefix, length, sot, ids, options, np.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1],
             copy_options), {}), size
 
     def move(self, slots: Slots, moves: list[tuple[int, int]], device: jax.Device | None = None) -> Slots:
@@ -455,7 +462,7 @@ class Programs:
         tokens = tokens[: self.dims.n_text_ctx]
         padded = np.zeros((1, bucket(len(tokens), self.align_sizes)), np.int32)
         padded[0, : len(tokens)] = tokens
-        return Call(self._align, (self.params, features[None], padded), {})
+        return Call(self._align, (self.params, features, padded), {})
 
     @staticmethod
     def place(tree, device: jax.Device | NamedSharding | None):
@@ -512,8 +519,14 @@ class Programs:
         return jax.device_put(np.asarray(tokens, np.int32), where)
 
     @staticmethod
-    def _pad_rows(x: jax.Array, size: int) -> jax.Array:
+    def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+        """Host arrays, zero-padded to `size` rows: JAX would compile a program to pad them."""
         k = x.shape[0]
         if k == size:
             return x
-        return jnp.concatenate([x, jnp.zeros((size - k, *x.shape[1:]), x.dtype)])
+        return np.concatenate([x, np.zeros((size - k, *x.shape[1:]), x.dtype)])
+
+    def _rows(self, features: list[jax.Array], size: int) -> tuple[jax.Array, ...]:
+        """Windows' features as a batch's rows, padded to `size`. The programs stack them:
+        stacking them beforehand would compile a program for each number of windows."""
+        return tuple(features) + (self._blank,) * (size - len(features))

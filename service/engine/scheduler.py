@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .programs import Choice, Programs, Slots
@@ -54,7 +53,7 @@ class SchedulerClosed(RuntimeError):
 class Window:
     """One 30 s window of log-mel features; its encoder output is computed once and reused
     by language detection and by every decoding attempt (temperature fallback)."""
-    mel: jax.Array | np.ndarray  # [n_mels, 3000]
+    mel: np.ndarray  # [n_mels, 3000]
     features: jax.Array | None = None  # [n_audio_ctx, state]
     error: Exception | None = None  # why the encoder failed on it
 
@@ -223,9 +222,9 @@ class DecodeScheduler:
 
     def _encode(self, chunk: list[Window], device, by_encoder: bool = False) -> None:
         try:
-            features = self.programs.encode(jnp.stack([jnp.asarray(w.mel) for w in chunk]), device)
-            features.block_until_ready()  # encoded means computed: the decode thread never waits on it
-            outcome = [(features[j], None) for j in range(len(chunk))]
+            features = self.programs.encode(np.stack([w.mel for w in chunk]), device)
+            jax.block_until_ready(features)  # encoded means computed: the decode thread never waits on it
+            outcome = [(f, None) for f in features]
         except Exception as e:  # the windows' jobs fail, the server serves on
             log.exception("encoding failed")
             outcome = [(None, e)] * len(chunk)
@@ -359,7 +358,7 @@ class DecodeScheduler:
         detections = [d for d in detections if d.window.error is None]
         for i in range(0, len(detections), self.programs.n_slots):
             chunk = detections[i : i + self.programs.n_slots]
-            probs = self.programs.detect_language(jnp.stack([d.window.features for d in chunk]), self.tokenizer.sot,
+            probs = self.programs.detect_language([d.window.features for d in chunk], self.tokenizer.sot,
                                                   self._device())
             for d, p in zip(chunk, probs):
                 d.future.set_result(p)
@@ -393,7 +392,7 @@ class DecodeScheduler:
         by_slot.update({groups[i].slots[r]: len(groups) + c for c, (i, r) in enumerate(copies)})
         device = self._device()
         self._slots, choice, no_speech = self.programs.admit(
-            self._slots, jnp.stack([g.job.window.features for g in groups]), [g.job.prefix for g in groups],
+            self._slots, [g.job.window.features for g in groups], [g.job.prefix for g in groups],
             [g.job.sot_index for g in groups], [g.slots[0] for g in groups], options([(g, 0) for g in groups]),
             self.tokenizer.no_speech or 0, device, [(i, groups[i].slots[r]) for i, r in copies],
             options([(groups[i], r) for i, r in copies]))
