@@ -17,14 +17,14 @@ from service.engine.rules import Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
 
 
-def endless(engine, n_slots: int) -> Programs:
+def endless(engine, n_slots: int, **layout) -> Programs:
     """The engine's programs at `n_slots`, with a vocabulary that never ends a sequence early."""
     tok = engine.tokenizer
     vocab = Vocabulary.of(tok, engine.dims.n_vocab)
     suppress = vocab.suppress.copy()
     suppress[tok.eot] = True
     return Programs(engine.programs.params, engine.dims, vocab._replace(suppress=suppress), n_slots,
-                    list(tok.language_tokens.values()))
+                    list(tok.language_tokens.values()), **layout)
 
 
 def english(tok) -> list[int]:
@@ -203,6 +203,39 @@ def test_lanes_decode_the_same_tokens_as_one_pool(tiny_engine, monkeypatch):
     one_pool = Programs(*args)
     assert with_lanes.lanes is not None and one_pool.lanes is None
     assert decode_all(with_lanes) == decode_all(one_pool)
+
+
+def test_the_accelerators_layout_decodes_as_the_cpus(tiny_engine):
+    """Windows encoded together, their attention all heads at once in chunks of queries (how an
+    accelerator runs the encoder), decode to the tokens that the CPU's layout, one window and
+    one head at a time, gives each window."""
+    tok = tiny_engine.tokenizer
+    n_mels = tiny_engine.dims.n_mels
+
+    def decode_all(programs: Programs) -> tuple[list[list[int]], list[int]]:
+        sizes: list[int] = []  # windows of each encoder call
+        submitted = threading.Event()
+        encode = programs.encode
+
+        def gated_encode(mel, device=None):
+            submitted.wait()  # the first call waits until every window is queued: the rest go together
+            sizes.append(mel.shape[0])
+            return encode(mel, device)
+
+        programs.encode = gated_encode
+        scheduler = DecodeScheduler(programs, tok)
+        try:
+            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, 80 + i)), english(tok)[:-1], 0,
+                                                  timestamps=True, sample_len=12)) for i in range(4)]
+            submitted.set()
+            return [f.result(timeout=300).tokens for f in futures], sizes
+        finally:
+            scheduler.close()
+
+    accelerator, together = decode_all(endless(tiny_engine, 4, accelerator=True))
+    cpu, alone = decode_all(endless(tiny_engine, 4, accelerator=False))
+    assert accelerator == cpu and all(len(t) == 12 for t in cpu)
+    assert max(together) > 1 and set(alone) == {1}
 
 
 def recording(programs: Programs) -> list:

@@ -111,7 +111,10 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 class Programs:
     def __init__(self, params: dict, dims: ModelDimensions, vocab: Vocabulary, n_slots: int, language_ids: list[int],
-                 alignment_heads: list[tuple[int, int]] = ()):
+                 alignment_heads: list[tuple[int, int]] = (), *, accelerator: bool | None = None):
+        """`accelerator`: lay the encoder out for an accelerator (windows encoded together, all
+        heads of attention at once, in chunks of queries) or for CPU cores; by default as JAX's
+        backend wants. Either layout computes the same numbers on any backend."""
         devices = jax.local_devices()
         # Several local accelerators: the batch slots are split across them, the weights copied
         # to each; XLA partitions every program from these placements (one process drives all).
@@ -142,16 +145,17 @@ class Programs:
         self.batch_sizes = batch_buckets(n_slots)
         # On CPU the encoder is fastest one window at a time and its attention one head at a time
         # (activations and scores stay in cache: a sixth less time than all eight heads of base).
-        cpu = jax.default_backend() == "cpu"
-        self.encode_sizes = (1,) if cpu else self.batch_sizes
-        chunks = model.Chunks(heads=1, queries=None) if cpu else model.Chunks()
+        if accelerator is None:
+            accelerator = jax.default_backend() != "cpu"
+        self.encode_sizes = self.batch_sizes if accelerator else (1,)
+        chunks = model.Chunks() if accelerator else model.Chunks(heads=1, queries=None)
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
         self.kv_sizes = tuple(sorted({n for n in (64, 128, 256) if n < dims.n_text_ctx} | {dims.n_text_ctx}))
         self.language_ids = jnp.asarray(language_ids, jnp.int32)
-        self._chunks = chunks
         # A stand-in for the features of a batch's padding rows (see `_rows`).
         self._blank = jax.device_put(np.zeros((dims.n_audio_ctx, dims.n_audio_state), self.dtype), self.home)
+        self._chunks = chunks
         self._encode = jax.jit(self._encode_impl)
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))

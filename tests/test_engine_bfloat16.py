@@ -1,0 +1,58 @@
+"""bfloat16, the engine's type on accelerators, run here on CPU: it serves, compiles nothing
+after its warm-up, and stays within its precision of float32 on the same weights."""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from audio_signals import speechlike
+from compile_events import compiles
+from service.engine import Engine, TranscribeOptions
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model):
+    engine = Engine.load(str(tiny_model[0]), max_batch=4, dtype="bfloat16")
+    yield engine
+    engine.close()
+
+
+def window_mel(seed: int) -> np.ndarray:
+    audio = whisper.pad_or_trim(torch.from_numpy(speechlike(20.0, seed=seed)))
+    return whisper.log_mel_spectrogram(audio, 80).numpy()
+
+
+def test_bfloat16_stays_within_its_precision_of_float32(bf16_engine, tiny_engine):
+    assert bf16_engine.programs.dtype == ml_dtypes.bfloat16 and tiny_engine.programs.dtype == np.float32
+    for seed in range(3):
+        mel = window_mel(seed)
+        full, half = (e.programs.encode(mel[None])[0] for e in (tiny_engine, bf16_engine))
+        # bfloat16 keeps 8 bits of mantissa: a relative error of 2^-9 per rounding, some dozens of them deep.
+        error = np.abs(np.asarray(half, np.float32) - np.asarray(full))
+        assert error.mean() < 0.02 * np.abs(np.asarray(full)).mean()
+        # Next-token log-probabilities along float32's greedy tokens, teacher-forced.
+        result, _ = tiny_engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,)))
+        tokens = tiny_engine.tokenizer.sot_sequence("en", "transcribe") + result.tokens
+        assert len(tokens) > 100
+        logprobs = []
+        for engine, features in ((tiny_engine, full), (bf16_engine, half)):
+            _, probs = engine.programs.align(features, tokens)
+            logprobs.append(np.log(probs[np.arange(len(tokens) - 1), tokens[1:]].astype(np.float64)))
+        assert np.abs(logprobs[1] - logprobs[0]).max() < 0.05
+
+
+def test_a_bfloat16_engine_serves_after_its_warm_up_without_compiling(bf16_engine):
+    bf16_engine.warmup()
+    with compiles() as compiled:
+        out = bf16_engine.transcribe(speechlike(45.0, seed=3), TranscribeOptions(temperatures=(0.0,),
+                                                                               word_timestamps=True))
+    assert compiled == []
+    assert out.language in bf16_engine.languages and out.duration == pytest.approx(45.0)
+    spoken = [s for s in out.segments if s.tokens]
+    assert spoken and all(math.isfinite(s.avg_logprob) for s in spoken)
+    assert any(s.words for s in spoken)
