@@ -46,11 +46,12 @@ def test_bfloat16_stays_within_its_precision_of_float32(bf16_engine, tiny_engine
         assert np.abs(logprobs[1] - logprobs[0]).max() < 0.05
 
 
-def test_a_bfloat16_engine_serves_after_its_warm_up_without_compiling(bf16_engine):
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_a_bfloat16_engine_serves_after_its_warm_up_without_compiling(bf16_engine, mode):
     bf16_engine.warmup()
+    audio = speechlike(45.0, seed=3)
     with compiles() as compiled:
-        out = bf16_engine.transcribe(speechlike(45.0, seed=3), TranscribeOptions(temperatures=(0.0,),
-                                                                               word_timestamps=True))
+        out = bf16_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), word_timestamps=True, mode=mode))
     assert compiled == []
     assert out.language in bf16_engine.languages and out.duration == pytest.approx(45.0)
     spoken = [s for s in out.segments if s.tokens]

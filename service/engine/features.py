@@ -1,4 +1,5 @@
-"""Log-mel spectrogram on the device, equal to openai-whisper's `log_mel_spectrogram`.
+"""Log-mel spectrogram, equal to openai-whisper's `log_mel_spectrogram`: the mel power on the
+device, 30 s at a time; the floor and scaling on the host.
 
 Two flavours of the dynamic-range floor (log values are clamped to max - 8):
 - per window (Hugging Face's feature extractor; what batched long-form uses), and
@@ -51,47 +52,47 @@ def n_frames(n_samples: int) -> int:
     return n_samples // HOP_LENGTH
 
 
-def reflect_pad(audio: np.ndarray, bucket: int = N_SAMPLES) -> np.ndarray:
-    """Centre the STFT frames (reflect by N_FFT/2 each side) and zero-fill to a multiple of
-    `bucket` samples, so one compiled program serves every length in the bucket."""
+def reflect_pad(audio: np.ndarray) -> np.ndarray:
+    """Centre the STFT frames (reflect by N_FFT/2 each side) and zero-fill to whole pieces."""
     padded = np.pad(audio.astype(np.float32), [(0, 0)] * (audio.ndim - 1) + [(N_FFT // 2, N_FFT // 2)], mode="reflect")
-    target = -(-audio.shape[-1] // bucket) * bucket + N_FFT
+    target = -(-audio.shape[-1] // N_SAMPLES) * N_SAMPLES + N_FFT
     return np.pad(padded, [(0, 0)] * (audio.ndim - 1) + [(0, target - padded.shape[-1])])
 
 
 @partial(jax.jit, static_argnames=("n_mels",))
-def log_mel_spectrogram(padded: jax.Array, valid_frames: jax.Array, n_mels: int) -> jax.Array:
-    """padded [..., samples] from `reflect_pad` -> log-mel [..., n_mels, frames].
-
-    Frames at or past `valid_frames` are ignored by the max-8 floor; the caller slices them off.
-    """
-    frames_total = (padded.shape[-1] - N_FFT) // HOP_LENGTH
+def _log10_mel(piece: jax.Array, n_mels: int) -> jax.Array:
+    """30 s of a signal from `reflect_pad` (N_SAMPLES + N_FFT samples, the last N_FFT shared with
+    the next piece) -> log10 of its mel power [n_mels, 3000], not yet floored. A signal of any
+    length is computed piece by piece: one program (compiled by the warm-up), and device memory
+    that does not grow with the length."""
+    frames_total = N_SAMPLES // HOP_LENGTH
     idx = jnp.arange(frames_total)[:, None] * HOP_LENGTH + jnp.arange(N_FFT)[None, :]
     window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(N_FFT) / N_FFT)  # periodic Hann
-    frames = padded[..., idx] * window
-    power = jnp.abs(jnp.fft.rfft(frames, n=N_FFT, axis=-1)) ** 2  # [..., frames, 201]
+    frames = piece[idx] * window
+    power = jnp.abs(jnp.fft.rfft(frames, n=N_FFT, axis=-1)) ** 2  # [frames, 201]
     filters = jnp.asarray(mel_filters(n_mels))
-    mel = jnp.einsum("...tf,mf->...mt", power, filters, precision=jax.lax.Precision.HIGHEST)
-    log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
-    valid = jnp.arange(frames_total) < jnp.asarray(valid_frames)[..., None, None]
-    peak = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(-2, -1), keepdims=True)
-    log_spec = jnp.maximum(log_spec, peak - 8.0)
+    mel = jnp.einsum("tf,mf->mt", power, filters, precision=jax.lax.Precision.HIGHEST)
+    return jnp.log10(jnp.maximum(mel, 1e-10))
+
+
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int) -> np.ndarray:
+    """Log-mel [n_mels, frames] of a signal, floored at 8 below its peak, as openai-whisper's
+    `log_mel_spectrogram` (its last STFT frame dropped)."""
+    frames = n_frames(audio.shape[-1])
+    padded = reflect_pad(audio)
+    log_spec = np.concatenate([np.asarray(_log10_mel(padded[start : start + N_SAMPLES + N_FFT], n_mels))
+                               for start in range(0, padded.shape[-1] - N_FFT, N_SAMPLES)], axis=-1)[:, :frames]
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
 
 
 def file_log_mel(audio: np.ndarray, n_mels: int, padding: int = 0) -> np.ndarray:
     """Log-mel of a whole signal (floor over the whole file), with `padding` zeros appended
     first, as openai-whisper's `log_mel_spectrogram(audio, padding=...)`."""
-    if padding:
-        audio = np.concatenate([audio, np.zeros(padding, np.float32)])
-    frames = n_frames(audio.shape[-1])
-    mel = log_mel_spectrogram(reflect_pad(audio), frames, n_mels)
-    return np.asarray(mel)[..., :frames]
+    return log_mel_spectrogram(np.concatenate([audio, np.zeros(padding, np.float32)]), n_mels)
 
 
 def window_log_mel(windows: np.ndarray, n_mels: int) -> np.ndarray:
-    """Log-mel of 30 s windows [B, N_SAMPLES] (zero-padded), floor per window: [B, n_mels, 3000].
-    On the host, as the encoder takes them: slicing them on the device compiles a program."""
-    frames = n_frames(N_SAMPLES)
-    mel = log_mel_spectrogram(reflect_pad(windows), np.full((windows.shape[0],), frames), n_mels)
-    return np.asarray(mel)[..., :frames]
+    """Log-mel of 30 s windows [B, N_SAMPLES] (zero-padded), floor per window: [B, n_mels, 3000],
+    on the host, as the encoder takes them."""
+    return np.stack([log_mel_spectrogram(w, n_mels) for w in windows])
