@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import jax
 import numpy as np
@@ -71,6 +72,40 @@ def test_a_window_the_encoder_fails_on_fails_its_job_only(one_slot, tiny_engine)
     with pytest.raises(ValueError, match="Incompatible shapes"):
         bad.result(timeout=300)
     assert len(good.result(timeout=300).tokens) == 3
+
+
+def test_calls_given_up_while_queued_end_and_the_scheduler_serves_on(tiny_engine):
+    """A caller that gives up sets its cancel event and cancels its futures. Its queued jobs end
+    without being decoded, and their windows are not encoded. A cancelled language detection is
+    dropped. The batch decoding meanwhile and the calls after it are served."""
+    tok = tiny_engine.tokenizer
+    prefix = english(tok)
+    n_mels = tiny_engine.dims.n_mels
+    scheduler = DecodeScheduler(endless(tiny_engine, 1), tok)
+    try:
+        shared = Window(noise(n_mels, 60))
+        assert len(scheduler.submit(DecodeJob(shared, prefix, 0, timestamps=False, sample_len=2)).result(
+            timeout=120).tokens) == 2
+        assert shared.mel is None and shared.features is not None  # the log-mel is let go once encoded
+        busy = scheduler.submit(DecodeJob(Window(noise(n_mels, 61)), prefix, 0, timestamps=False, sample_len=60))
+        detection = scheduler.detect_language(Window(noise(n_mels, 62)))
+        assert detection.cancel()
+        gave_up = threading.Event()
+        gave_up.set()
+        on_shared = scheduler.submit(DecodeJob(shared, prefix, 0, timestamps=False, cancel=gave_up))
+        assert on_shared.cancel()  # its window is encoded already: it reaches the batch's queue
+        never_encoded = [Window(noise(n_mels, 63 + i)) for i in range(2)]
+        later = [scheduler.submit(DecodeJob(w, prefix, 0, timestamps=False, cancel=gave_up)) for w in never_encoded]
+        after = scheduler.submit(DecodeJob(Window(noise(n_mels, 65)), prefix, 0, timestamps=False, sample_len=3))
+        assert len(after.result(timeout=120).tokens) == 3
+        assert len(busy.result(timeout=120).tokens) == 60
+        for f in later:
+            with pytest.raises(CancelledError):
+                f.result(timeout=120)
+        assert on_shared.cancelled() and detection.cancelled()
+        assert all(w.features is None and w.mel is not None for w in never_encoded)
+    finally:
+        scheduler.close()
 
 
 def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):

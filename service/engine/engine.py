@@ -278,7 +278,7 @@ class _Run:
         emits segments in order."""
         events: queue.Queue = queue.Queue()
         spans: list[tuple[int, int]] = []
-        windows: list[Window] = []
+        windows: list[Window | None] = []
         temps = self.options.temperatures
 
         def submit(i: int, t: int) -> None:
@@ -340,6 +340,7 @@ class _Run:
                     self._emit(start // HOP_LENGTH, raw, r)
                 if self.on_progress is not None:
                     self.on_progress(end / SAMPLE_RATE)
+                windows[next_out] = None  # its features are not needed any more
                 next_out += 1
         if total == 0:
             raise ValueError("the audio holds no samples")

@@ -53,7 +53,7 @@ class SchedulerClosed(RuntimeError):
 class Window:
     """One 30 s window of log-mel features; its encoder output is computed once and reused
     by language detection and by every decoding attempt (temperature fallback)."""
-    mel: np.ndarray  # [n_mels, 3000]
+    mel: np.ndarray | None  # [n_mels, 3000]; let go once encoded
     features: jax.Array | None = None  # [n_audio_ctx, state]
     error: Exception | None = None  # why the encoder failed on it
 
@@ -114,6 +114,10 @@ class _Group:
 class _Detection:
     window: Window
     future: Future = field(default_factory=Future)
+
+
+def _cancelled(job: DecodeJob) -> bool:
+    return (job.cancel is not None and job.cancel.is_set()) or job.future.cancelled()
 
 
 def _row_key(key: tuple[int, int], row: int) -> tuple[int, int]:
@@ -202,6 +206,8 @@ class DecodeScheduler:
                 if self._closed:
                     return
                 chunk = self._take_windows()
+                if not chunk:  # all that waited were for cancelled calls
+                    continue
                 # A lone window with nothing to decode gets every core (a call's first window is
                 # ready sooner); several are encoded faster side by side, one on each lane.
                 self._encoder_wide = (lanes is not None and not self._to_encode and not self._active()
@@ -215,10 +221,24 @@ class DecodeScheduler:
         return bool(self._to_encode) and (self._ahead() < self.programs.n_slots or self._starved())
 
     def _take_windows(self) -> list[Window]:  # with self._cv held
+        self._forget_cancelled()
         largest = self.programs.encode_sizes[-1]
         chunk = [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
         self._started.update(chunk)
         return chunk
+
+    def _forget_cancelled(self) -> None:  # with self._cv held
+        """Queued jobs of cancelled calls end now, and windows that nothing waits for any more leave
+        the encoder's queue: a long file's call cancelled midway does not keep the encoder busy."""
+        if not any(map(_cancelled, self._jobs)):
+            return
+        for job in filter(_cancelled, self._jobs):
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(CancelledError())
+        self._jobs = deque(j for j in self._jobs if not _cancelled(j))
+        wanted = {j.window for j in self._jobs} | {d.window for d in self._detections}
+        self._encoding.difference_update(w for w in self._to_encode if w not in wanted)
+        self._to_encode = deque(w for w in self._to_encode if w in wanted)
 
     def _encode(self, chunk: list[Window], device, by_encoder: bool = False) -> None:
         try:
@@ -231,6 +251,8 @@ class DecodeScheduler:
         with self._cv:
             for w, (f, error) in zip(chunk, outcome):
                 w.features, w.error = f, error
+                if error is None:
+                    w.mel = None
                 self._encoding.discard(w)
                 self._started.discard(w)
             if by_encoder:
@@ -251,7 +273,9 @@ class DecodeScheduler:
                 if self._closed:
                     self._fail_all(SchedulerClosed("the engine is shutting down"))
                     return
-                detections = [d for d in self._detections if d.window.encoded]
+                # Taken detections run: their callers can no longer cancel them.
+                detections = [d for d in self._detections
+                              if d.window.encoded and d.future.set_running_or_notify_cancel()]
                 self._detections = deque(d for d in self._detections if not d.window.encoded)
                 # The batch would wait for the encoder: with cores of its own, encode a window too
                 # (windows ready meanwhile are admitted together once it has caught up).
@@ -343,11 +367,13 @@ class DecodeScheduler:
         # In order: a wide job, or one whose window is still being encoded, is not overtaken.
         while self._jobs and self._jobs[0].rows <= free and self._jobs[0].window.encoded:
             job = self._jobs.popleft()
-            if job.cancel is not None and job.cancel.is_set():
+            if not job.future.set_running_or_notify_cancel():  # its future was cancelled
+                continue
+            if _cancelled(job):
                 job.future.set_exception(CancelledError())
             elif job.window.error is not None:
                 job.future.set_exception(job.window.error)
-            elif job.future.set_running_or_notify_cancel():
+            else:
                 taken.append(job)
                 free -= job.rows
         return taken
@@ -583,5 +609,6 @@ class DecodeScheduler:
         self._jobs.clear()
         self._to_encode.clear()
         for d in self._detections:
-            d.future.set_exception(error)
+            if not d.future.done():
+                d.future.set_exception(error)
         self._detections.clear()
