@@ -8,16 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax
+import numpy as np
 from audio_signals import speechlike
 from compile_events import compiles
 from service.engine import Engine, TranscribeOptions
 engine = Engine.load({model!r}, max_batch=4)
 engine.warmup()
+# The encoder's work on each device for its fewest windows, which a mesh splits over its devices.
+n = engine.programs.encode_sizes[0]
+call = engine.programs._encode_call(np.zeros((n, engine.dims.n_mels, 3000), np.float32), None)
+cost = call.program.lower(*call.args, **call.static).compile().cost_analysis()
+cost = cost[0] if isinstance(cost, list) else cost
 audio = speechlike(45.0, seed=3)
 with compiles() as compiled:
     greedy = engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), word_timestamps=True))
@@ -25,7 +33,7 @@ with compiles() as compiled:
     jax.jit(lambda x: x + 1)(0.0)  # the listener hears compiles
 print(json.dumps({{"devices": jax.local_device_count(), "mesh": engine.programs.mesh is not None,
                   "greedy": [s.tokens for s in greedy.segments], "beams": [s.tokens for s in beams.segments],
-                  "compiled": compiled}}))
+                  "compiled": compiled, "encode": [n, cost["flops"]]}}))
 engine.close()
 """
 
@@ -45,6 +53,9 @@ def test_batch_split_over_four_devices_gives_the_same_tokens(tiny_model):
     assert (four["devices"], four["mesh"]) == (4, True)
     assert four["greedy"] == one["greedy"] and any(four["greedy"])
     assert four["beams"] == one["beams"]
+    # Each device encodes a window of its own: four windows on four devices, each at one's cost.
+    assert one["encode"][0] == 1 and four["encode"][0] == 4
+    assert four["encode"][1] == pytest.approx(one["encode"][1], rel=0.05)
     # The warm-up compiled every program for the mesh's placements as for one device's, and
     # nothing else compiles while serving: not even the glue between the programs.
     for result in (one, four):

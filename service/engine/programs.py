@@ -148,6 +148,8 @@ class Programs:
         if accelerator is None:
             accelerator = jax.default_backend() != "cpu"
         self.encode_sizes = self.batch_sizes if accelerator else (1,)
+        if self.mesh is not None:  # windows split over the devices, each encoding its own share
+            self.encode_sizes = tuple(n for n in self.batch_sizes if n % self.mesh.size == 0)
         chunks = model.Chunks() if accelerator else model.Chunks(heads=1, queries=None)
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
@@ -384,7 +386,8 @@ class Programs:
         device = device or self.encode_devices[0]
         size = bucket(mel.shape[0], self.encode_sizes)
         # Placed, even where `device` is None: a host array and a device one would each get a program.
-        chunk = jax.device_put(self._pad_rows(np.asarray(mel, np.float32), size), device)
+        where = NamedSharding(self.mesh, PartitionSpec("batch")) if self.mesh is not None else device
+        chunk = jax.device_put(self._pad_rows(np.asarray(mel, np.float32), size), where)
         return Call(self._encode, (self._params_on[device], chunk), {})
 
     def detect_language(self, features: list[jax.Array], sot: int, device: jax.Device | None = None) -> np.ndarray:
