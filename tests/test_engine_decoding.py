@@ -182,6 +182,16 @@ def test_bad_options_name_the_field(tiny_engine, options, field):
         tiny_engine.transcribe(speechlike(1.0), options)
 
 
+def test_a_window_of_the_wrong_shape_is_refused_and_the_engine_serves_on(tiny_engine):
+    good = mel(tiny_engine, 3)
+    for bad in (good[:, :2999], good[:40], good[None]):
+        with pytest.raises(ValueError, match=r"mel must have the shape \(80, 3000\).*got"):
+            tiny_engine.decode(bad)
+        with pytest.raises(ValueError, match=r"mel must have the shape"):
+            tiny_engine.detect_language(bad)
+    assert tiny_engine.decode(good, TranscribeOptions(language="en", max_new_tokens=3))[0].tokens
+
+
 def test_batched_word_timestamps_are_timed_within_their_window(tiny_engine):
     audio = speechlike(50.0, seed=8)
     result = tiny_engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,), word_timestamps=True))

@@ -124,8 +124,17 @@ class Engine:
                 raise ValueError(f"{name} must be at most the batch size {self.max_batch}, got {rows}")
 
     def detect_language(self, mel: np.ndarray) -> dict[str, float]:
-        """Probability of each language, from one 30 s window of log-mel features."""
-        return self._language_probabilities(Window(np.asarray(mel, np.float32)))
+        """Probability of each language, from one 30 s window of log-mel features [n_mels, 3000]."""
+        return self._language_probabilities(self._window(mel))
+
+    def _window(self, mel: np.ndarray) -> Window:
+        """A window of a caller's log-mel features, refused here if it has the wrong shape: in the
+        batch it would fail the windows encoded with it."""
+        mel = np.asarray(mel, np.float32)
+        if mel.shape != (self.dims.n_mels, N_FRAMES):
+            raise ValueError(f"mel must have the shape ({self.dims.n_mels}, {N_FRAMES}) (mel bins, frames of "
+                             f"30 s), got {mel.shape}")
+        return Window(mel)
 
     def _language_probabilities(self, window: Window) -> dict[str, float]:
         probs = self.scheduler.detect_language(window).result()
@@ -136,7 +145,7 @@ class Engine:
         `options.temperatures`, as openai-whisper's `decode()`. Returns (result, language)."""
         self.validate(options)
         run = _Run(self, options, None, None, None)
-        window = Window(np.asarray(mel, np.float32))
+        window = self._window(mel)
         run._detect(window)
         out = self.scheduler.submit(run._job(window, run.initial_prompt, 0, salt=0)).result()
         return run._result(out, options.temperatures[0]), run.language
