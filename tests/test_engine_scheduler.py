@@ -108,6 +108,30 @@ def test_calls_given_up_while_queued_end_and_the_scheduler_serves_on(tiny_engine
         scheduler.close()
 
 
+def test_a_fault_in_the_bookkeeping_fails_the_calls_it_holds_and_the_scheduler_serves_on(tiny_engine):
+    tok = tiny_engine.tokenizer
+    n_mels = tiny_engine.dims.n_mels
+    scheduler = DecodeScheduler(endless(tiny_engine, 1), tok)
+    faults = [RuntimeError("a fault in the bookkeeping")]
+    take_jobs = scheduler._take_jobs
+
+    def faulty_take_jobs():
+        if faults and scheduler._jobs and scheduler._jobs[0].window.encoded:
+            raise faults.pop()
+        return take_jobs()
+
+    scheduler._take_jobs = faulty_take_jobs
+    try:
+        failed = scheduler.submit(DecodeJob(Window(noise(n_mels, 66)), english(tok), 0, timestamps=False))
+        with pytest.raises(RuntimeError, match="a fault in the bookkeeping"):
+            failed.result(timeout=120)
+        served = scheduler.submit(DecodeJob(Window(noise(n_mels, 67)), english(tok), 0, timestamps=False,
+                                            sample_len=3))
+        assert len(served.result(timeout=120).tokens) == 3
+    finally:
+        scheduler.close()
+
+
 def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
     scheduler, prefix = one_slot
     n_mels = tiny_engine.dims.n_mels

@@ -264,30 +264,16 @@ class DecodeScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                if self._freed:  # a batch that now has room may be waiting for the encoder to read further
-                    self._freed = False
-                    self._cv.notify_all()
-                while not (self._queued is not None or self._detections_ready() or self._helps_encoder()
-                           or ((self._admissible() or self._active()) and not self._filling()) or self._closed):
-                    self._cv.wait()
-                if self._closed:
-                    self._fail_all(SchedulerClosed("the engine is shutting down"))
-                    return
-                # Taken detections run: their callers can no longer cancel them.
-                detections = [d for d in self._detections
-                              if d.window.encoded and d.future.set_running_or_notify_cancel()]
-                self._detections = deque(d for d in self._detections if not d.window.encoded)
-                # The batch would wait for the encoder: with cores of its own, encode a window too
-                # (windows ready meanwhile are admitted together once it has caught up).
-                to_encode = self._take_windows() if not detections and self._helps_encoder() else []
-                # While the batch waits for the encoder anyway, the windows ready so far wait too, to
-                # be admitted together (with CPU lanes: on every core, once the encoder is done).
-                admitted = [] if to_encode or self._filling() else self._take_jobs()
-                if detections or admitted:
-                    self._cv.notify_all()  # the encoder may read further ahead
-                # Anything but the next step (or waiting) first decides on the queued step.
-                settle = self._queued is not None and bool(detections or to_encode or admitted or not self._active()
-                                                            or self._filling())
+                try:
+                    work = self._next_work()
+                except Exception as e:  # a fault in the bookkeeping fails the calls it holds, not the server
+                    log.exception("scheduling failed")
+                    self._fail_all(e)
+                    self._slots, self._queued = None, None
+                    continue
+            if work is None:
+                return
+            settle, to_encode, detections, admitted = work
             try:
                 if settle:
                     self._settle()
@@ -309,6 +295,33 @@ class DecodeScheduler:
                         d.future.set_exception(e)
                 self._fail_rows(e, admitted)
                 self._slots, self._queued = None, None
+
+    def _next_work(self):  # with self._cv held
+        """Waits for work; returns what to do next (None: the scheduler is closed)."""
+        if self._freed:  # a batch that now has room may be waiting for the encoder to read further
+            self._freed = False
+            self._cv.notify_all()
+        while not (self._queued is not None or self._detections_ready() or self._helps_encoder()
+                   or ((self._admissible() or self._active()) and not self._filling()) or self._closed):
+            self._cv.wait()
+        if self._closed:
+            self._fail_all(SchedulerClosed("the engine is shutting down"))
+            return None
+        # Taken detections run: their callers can no longer cancel them.
+        detections = [d for d in self._detections if d.window.encoded and d.future.set_running_or_notify_cancel()]
+        self._detections = deque(d for d in self._detections if not d.window.encoded)
+        # The batch would wait for the encoder: with cores of its own, encode a window too
+        # (windows ready meanwhile are admitted together once it has caught up).
+        to_encode = self._take_windows() if not detections and self._helps_encoder() else []
+        # While the batch waits for the encoder anyway, the windows ready so far wait too, to
+        # be admitted together (with CPU lanes: on every core, once the encoder is done).
+        admitted = [] if to_encode or self._filling() else self._take_jobs()
+        if detections or admitted:
+            self._cv.notify_all()  # the encoder may read further ahead
+        # Anything but the next step (or waiting) first decides on the queued step.
+        settle = self._queued is not None and bool(detections or to_encode or admitted or not self._active()
+                                                    or self._filling())
+        return settle, to_encode, detections, admitted
 
     def _helps_encoder(self) -> bool:  # with self._cv held
         """The decoder has cores of its own (CPU lanes), and while the encoder is busy on its own,
