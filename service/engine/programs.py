@@ -133,6 +133,9 @@ class Programs:
         self.decode_devices = (None,) if lanes is None else (lanes.decode, lanes.wide)
         self.home = (lanes.wide if lanes is not None else NamedSharding(self.mesh, PartitionSpec())
                      if self.mesh is not None else devices[0])
+        # On a mesh, what is split over the devices row by row: the slots, a step's tokens, the
+        # windows to encode.
+        self.split = NamedSharding(self.mesh, PartitionSpec("batch")) if self.mesh is not None else None
         self._params_on = {None: params}
         if lanes is not None:
             self._params_on.update({d: jax.device_put(params, d) for d in (lanes.decode, lanes.encode, lanes.wide)})
@@ -147,9 +150,10 @@ class Programs:
         # (activations and scores stay in cache: a sixth less time than all eight heads of base).
         if accelerator is None:
             accelerator = jax.default_backend() != "cpu"
-        self.encode_sizes = self.batch_sizes if accelerator else (1,)
         if self.mesh is not None:  # windows split over the devices, each encoding its own share
             self.encode_sizes = tuple(n for n in self.batch_sizes if n % self.mesh.size == 0)
+        else:
+            self.encode_sizes = self.batch_sizes if accelerator else (1,)
         chunks = model.Chunks() if accelerator else model.Chunks(heads=1, queries=None)
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
@@ -368,7 +372,7 @@ class Programs:
                              jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
         slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, options, jnp.full(n, d.n_text_ctx, jnp.int32))
         if self.mesh is not None:
-            return jax.device_put(slots, NamedSharding(self.mesh, PartitionSpec("batch")))
+            return jax.device_put(slots, self.split)
         return self.place(slots, self.home)  # placed, as every program's outputs are
 
     def encode(self, mel: np.ndarray, device: jax.Device | None = None) -> list[jax.Array]:
@@ -386,8 +390,7 @@ class Programs:
         device = device or self.encode_devices[0]
         size = bucket(mel.shape[0], self.encode_sizes)
         # Placed, even where `device` is None: a host array and a device one would each get a program.
-        where = NamedSharding(self.mesh, PartitionSpec("batch")) if self.mesh is not None else device
-        chunk = jax.device_put(self._pad_rows(np.asarray(mel, np.float32), size), where)
+        chunk = jax.device_put(self._pad_rows(np.asarray(mel, np.float32), size), self.split or device)
         return Call(self._encode, (self._params_on[device], chunk), {})
 
     def detect_language(self, features: list[jax.Array], sot: int, device: jax.Device | None = None) -> np.ndarray:
@@ -522,7 +525,7 @@ class Programs:
         the host's feed then runs the same compiled program, and a warm-up compiles it."""
         if isinstance(tokens, jax.Array):
             return self.place(tokens, device)
-        where = device or (NamedSharding(self.mesh, PartitionSpec("batch")) if self.mesh else jax.local_devices()[0])
+        where = device or self.split or jax.local_devices()[0]
         return jax.device_put(np.asarray(tokens, np.int32), where)
 
     @staticmethod

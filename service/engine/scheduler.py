@@ -296,7 +296,7 @@ class DecodeScheduler:
                 self._fail_rows(e, admitted)
                 self._slots, self._queued = None, None
 
-    def _next_work(self):  # with self._cv held
+    def _next_work(self) -> tuple | None:  # with self._cv held
         """Waits for work; returns what to do next (None: the scheduler is closed)."""
         if self._freed:  # a batch that now has room may be waiting for the encoder to read further
             self._freed = False
