@@ -208,10 +208,9 @@ class DecodeScheduler:
                 chunk = self._take_windows()
                 if not chunk:  # all that waited were for cancelled calls
                     continue
-                # A lone window with nothing to decode gets every core (a call's first window is
-                # ready sooner); several are encoded faster side by side, one on each lane.
-                self._encoder_wide = (lanes is not None and not self._to_encode and not self._active()
-                                      and self._ahead() == 0)
+                # Every core, shared with the decoder's steps, unless the decoder encodes another
+                # window beside this one: then each on its own lane (lanes.py).
+                self._encoder_wide = lanes is not None and not self._starved()
                 device = None if lanes is None else lanes.wide if self._encoder_wide else lanes.encode
                 self._encoder_busy = True
                 self._cv.notify_all()  # the decoder may encode the next window meanwhile
