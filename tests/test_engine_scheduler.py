@@ -326,13 +326,11 @@ def test_with_lanes_an_idle_batch_has_its_window_encoded_on_every_core(tiny_engi
     assert devices == [programs.lanes.wide]
 
 
-@lanes_only
-def test_with_lanes_windows_read_ahead_of_a_full_batch_are_encoded_on_every_core(tiny_engine):
-    """A window queued behind a full batch is encoded on every core, beside the decoder's steps
-    (which leave cycles to spare), not on the encoder's share of them; so is one that waits for
-    the batch to empty (the decoder, with no free slot to fill, encodes nothing)."""
+def devices_encoding_two_windows_beside_one(tiny_engine, n_slots: int, seed: int) -> tuple[list, Programs]:
+    """The devices the windows are encoded on, in order, when two windows arrive together while
+    a first one decodes, at `n_slots` slots."""
     tok = tiny_engine.tokenizer
-    programs = endless(tiny_engine, 1)
+    programs = endless(tiny_engine, n_slots)  # the first window decodes all its tokens
     programs.warmup(tok.sot, tok.is_multilingual)
     devices = recording(programs)
     scheduler = DecodeScheduler(programs, tok)
@@ -340,16 +338,25 @@ def test_with_lanes_windows_read_ahead_of_a_full_batch_are_encoded_on_every_core
     n_mels = tiny_engine.dims.n_mels
     decoding = threading.Event()
     try:
-        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 40)), prefix, 0, timestamps=False, sample_len=100,
+        first = scheduler.submit(DecodeJob(Window(noise(n_mels, seed)), prefix, 0, timestamps=False, sample_len=100,
                                            on_token=lambda _token: decoding.set()))
         assert decoding.wait(300)
-        with scheduler._cv:  # both are queued before the encoder looks
-            queued = [scheduler.submit(DecodeJob(Window(noise(n_mels, 41 + i)), prefix, 0, timestamps=False,
-                                                 sample_len=3)) for i in range(2)]
-        assert all(len(f.result(timeout=300).tokens) == 3 for f in queued)
+        with scheduler._cv:  # both windows are waiting before either thread looks
+            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, seed + 1 + i)), prefix, 0, timestamps=False,
+                                                  sample_len=3)) for i in range(2)]
+        assert all(len(f.result(timeout=300).tokens) == 3 for f in futures)
         assert len(first.result(timeout=300).tokens) == 100
     finally:
         scheduler.close()
+    return devices, programs
+
+
+@lanes_only
+def test_with_lanes_windows_read_ahead_of_a_full_batch_are_encoded_on_every_core(tiny_engine):
+    """Windows queued behind a full batch are encoded on every core, shared with the decoder's
+    steps, not on the encoder's share of the cores (the decoder, with no free slot to fill,
+    encodes nothing)."""
+    devices, programs = devices_encoding_two_windows_beside_one(tiny_engine, 1, seed=40)
     assert devices == [programs.lanes.wide] * 3
 
 
@@ -357,26 +364,8 @@ def test_with_lanes_windows_read_ahead_of_a_full_batch_are_encoded_on_every_core
 def test_with_lanes_the_decoder_encodes_rather_than_wait(tiny_engine):
     """While a window decodes, two more arrive for the free slots: the encoder takes one on its
     own cores, and the decoder, which would otherwise wait for it, encodes the other on its own."""
-    tok = tiny_engine.tokenizer
-    programs = endless(tiny_engine, 3)  # the first window decodes all its tokens
+    devices, programs = devices_encoding_two_windows_beside_one(tiny_engine, 3, seed=30)
     lanes = programs.lanes
-    programs.warmup(tok.sot, tok.is_multilingual)
-    devices = recording(programs)
-    scheduler = DecodeScheduler(programs, tok)
-    prefix = english(tok)
-    n_mels = tiny_engine.dims.n_mels
-    decoding = threading.Event()
-    try:
-        first = scheduler.submit(DecodeJob(Window(noise(n_mels, 30)), prefix, 0, timestamps=False, sample_len=100,
-                                           on_token=lambda _token: decoding.set()))
-        assert decoding.wait(300)
-        with scheduler._cv:  # both windows are waiting before either thread looks
-            futures = [scheduler.submit(DecodeJob(Window(noise(n_mels, 31 + i)), prefix, 0, timestamps=False,
-                                                  sample_len=3)) for i in range(2)]
-        assert all(len(f.result(timeout=300).tokens) == 3 for f in futures)
-        assert len(first.result(timeout=300).tokens) == 100
-    finally:
-        scheduler.close()
     assert devices[0] is lanes.wide  # nothing was decoding yet
     assert sorted(map(id, devices[1:])) == sorted(map(id, [lanes.encode, lanes.decode]))
 

@@ -8,10 +8,11 @@ a window when both run at once). A client created by a thread restricted to some
 pool of that many threads, pinned to them. So on CPU the engine uses three clients (lanes),
 each with its own pool:
 
-- `wide`: JAX's own client, every core: for the encoder, beside the decoder's steps on
-  `decode` (the operating system gives the encoder the cycles a step, waiting on memory,
-  leaves, and every cycle while the batch waits for it), and for the decoder's programs
-  while the encoder has nothing to do (a batch-8 step takes 20 ms there, 29 ms on one core);
+- `wide`: JAX's own client, every core: for the encoder, beside the decoder's programs on
+  `decode` (the operating system gives the encoder whatever the decoder leaves: the time
+  between its steps, and all of it while the batch waits for the encoder), and for the
+  decoder's programs while the encoder has nothing to do (a batch-8 step takes 20 ms there,
+  29 ms on one core);
 - `decode`: a quarter of the cores (at least one), for the decoder's programs while the
   encoder runs;
 - `encode`: the other cores, for the encoder while the decoder encodes another window beside
