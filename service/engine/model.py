@@ -2,8 +2,9 @@
 
 Parameters follow openai-whisper's names; linear kernels are stored as [in, out], and so is the
 token embedding, which the decoder's output projection reads whole at every step (the input
-lookup takes a few of its columns): on CPU that product is a third faster at a batch of 8 than
-with the embedding as [vocab, state]. The encoder's
+lookup takes a few of its columns): on CPU (jaxlib 0.10, base, 2 cores) that product takes
+3.2 ms for one row against 4.0 ms with the embedding as [vocab, state], though 7.3 against
+6.4 ms for 8 rows; a lone window's steps are the ones a caller waits on. The encoder's
 blocks are stacked (leading axis = layer) and run by one `lax.scan`: its layers are compute-bound,
 and a scan keeps programs small. The decoder's blocks are a list, unrolled: a decode step is
 memory-bound, and slicing one layer out of a stacked array (weights or caches) costs a copy of
