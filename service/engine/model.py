@@ -62,8 +62,24 @@ def product(x: jax.Array, w: jax.Array) -> jax.Array:
     takes the bfloat16 dot instructions where the CPU has them (AVX512-BF16, AMX): on Zen 4 a
     large product runs at twice float32's rate, where asking for a bfloat16 result runs slower
     than float32 (the encoder of base on 2 Zen 4 cores: 0.53 s a window in bfloat16 -> 0.31 s;
-    0.48 s in float32)."""
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    0.48 s in float32). A single row takes a second one (see `two_rows`)."""
+    if not single_bf16_row_on_cpu(int(np.prod(x.shape[:-1])), x.dtype):
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    y = jnp.matmul(two_rows(x.reshape(1, -1), 0), w, preferred_element_type=jnp.float32)
+    return y[:1].reshape(*x.shape[:-1], w.shape[-1])
+
+
+def single_bf16_row_on_cpu(rows: int, dtype) -> bool:
+    return rows == 1 and dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def two_rows(x: jax.Array, axis: int) -> jax.Array:
+    """x, one row long on `axis`, with a row of zeros after it. XLA's CPU backend has no
+    bfloat16 kernel for a product with a single row: it converts the whole other operand to
+    float32 at every call (a decode step's weights and cross-attention caches). Two rows take
+    the bfloat16 kernel (base on 2 Zen 4 cores, the vocabulary projection of one row: 34 ms ->
+    3.7 ms). Callers keep the first row of the result."""
+    return jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
 
 
 def linear(x: jax.Array, p: dict) -> jax.Array:
@@ -99,13 +115,17 @@ def attention_with_scores(q, k, v, mask=None) -> tuple[jax.Array, jax.Array]:
     1/8, so the scores are exactly the same. The softmax is normalised after the product with
     the values: the division then touches [S, Dh] numbers instead of [S, T] (the encoder's
     attention is a fifth faster on CPU)."""
+    single = single_bf16_row_on_cpu(q.shape[2], q.dtype)  # one query: take a second (see `two_rows`)
+    if single:
+        q = two_rows(q, 2)
     scores = jnp.einsum("bhsd,bhtd->bhst", q * (q.shape[-1] ** -0.5), k, preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)
     top = scores.max(-1, keepdims=True)
     weights = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
     out = jnp.einsum("bhst,bhtd->bhsd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / weights.sum(-1, keepdims=True)).astype(v.dtype), scores
+    out = (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
+    return (out[:, :, :1], scores[:, :, :1]) if single else (out, scores)
 
 
 class Chunks(NamedTuple):
