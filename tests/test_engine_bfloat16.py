@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import whisper
 
 from audio_signals import speechlike
 from compile_events import compiles
-from service.engine import Engine, TranscribeOptions
+from service.engine import Engine, TranscribeOptions, model
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +65,11 @@ def test_one_bfloat16_row_takes_the_bfloat16_kernel_and_keeps_its_precision():
     """A decode step of one window multiplies single rows: on CPU these are computed as two rows,
     for which XLA has a bfloat16 kernel, rather than by converting the weights (or the
     cross-attention caches) to float32 at every step."""
-    import jax
-    import jax.numpy as jnp
-
-    from service.engine import model
-
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((1, 1, 384)), rng.standard_normal((384, 51865)) / 20
     q, k, v = (rng.standard_normal((1, 6, n, 64)) for n in (1, 1500, 1500))
     bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    exact = lambda a: np.asarray(a, np.float64).astype(np.float32)  # noqa: E731 (the bfloat16 operands' values)
+    widened = lambda a: bf16(a).astype(jnp.float32)  # noqa: E731 (the bfloat16 operands' values, exactly)
 
     programs = {"product": (model.product, (bf16(x), bf16(w))), "attention": (model.attention, (bf16(q), bf16(k), bf16(v)))}
     for name, (fn, args) in programs.items():
@@ -80,11 +77,11 @@ def test_one_bfloat16_row_takes_the_bfloat16_kernel_and_keeps_its_precision():
         assert "f32[384,51865]" not in text and "f32[1,6,1500,64]" not in text, f"{name} converts an operand"
 
     got = np.asarray(model.product(bf16(x), bf16(w)), np.float32)
-    want = np.asarray(model.product(*(jnp.asarray(exact(bf16(a))) for a in (x, w))))
+    want = np.asarray(model.product(*map(widened, (x, w))))
     assert got.shape == (1, 1, 51865)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)  # float32 sums of bfloat16 products
 
     got = np.asarray(model.attention(bf16(q), bf16(k), bf16(v)), np.float32)
-    want = np.asarray(model.attention(*(jnp.asarray(exact(bf16(a))) for a in (q, k, v))))
+    want = np.asarray(model.attention(*map(widened, (q, k, v))))
     assert got.shape == (1, 6, 1, 64)
     np.testing.assert_allclose(got, want, atol=2e-2)  # the result is rounded to bfloat16
