@@ -57,3 +57,10 @@ def tiny_engine(tiny_model):
     engine = Engine.load(str(tiny_model[0]), max_batch=8)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def en_model(model_root):
+    """English-only (tiny.en-like): 80 mels, GPT-2's vocabulary of 51864 tokens."""
+    out = model_root / "en"
+    return out, build_model(out, "en", seed=3)

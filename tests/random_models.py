@@ -1,8 +1,8 @@
 """Random-weight Whisper models for tests, in the layout real checkpoints use.
 
 Weights come from `transformers` (seeded) and are saved with `save_pretrained`; the tokenizer is
-Whisper's real multilingual vocabulary, converted from the tiktoken file that openai-whisper
-ships, so token ids match Whisper's exactly.
+Whisper's real vocabulary (multilingual, or GPT-2's for English-only models), converted from the
+tiktoken file that openai-whisper ships, so token ids match Whisper's exactly.
 """
 from __future__ import annotations
 
@@ -18,23 +18,30 @@ ARCHITECTURES = {
     "tiny": (80, 51865, 2, 2),  # multilingual, 99 languages, as tiny..large-v2
     "v3": (128, 51866, 2, 2),  # large-v3: 128 mel bins, Cantonese added
     "turbo": (128, 51866, 3, 1),  # large-v3-turbo: far fewer decoder than encoder layers
+    "en": (80, 51864, 2, 2),  # English-only (tiny.en ... medium.en): GPT-2's vocabulary
 }
 
 
 @lru_cache(maxsize=None)
-def tokenizer_dir(num_languages: int, root: str) -> Path:
-    """A Hugging Face tokenizer.json for Whisper's vocabulary, built once per language count."""
+def tokenizer_dir(vocab: int, root: str) -> Path:
+    """A Hugging Face tokenizer.json for Whisper's vocabulary of `vocab` tokens, built once each:
+    51864 is the English-only models' (GPT-2's), 51865 the multilingual (99 languages), 51866
+    large-v3's (100)."""
     import whisper
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from whisper.tokenizer import get_tokenizer
 
-    out = Path(root) / f"tokenizer-{num_languages}"
+    out = Path(root) / f"tokenizer-{vocab}"
     if (out / "tokenizer.json").exists():
         return out
-    enc = get_tokenizer(multilingual=True, num_languages=num_languages).encoding
-    vocab_file = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
-    specials = [enc.decode_single_token_bytes(i).decode() for i in range(enc.n_vocab) if i >= 50257]
+    multilingual = vocab > 51864
+    enc = get_tokenizer(multilingual=multilingual, num_languages=vocab - 51766 if multilingual else 99).encoding
+    assert enc.n_vocab == vocab, (enc.n_vocab, vocab)
+    eot = enc.eot_token
+    name = "multilingual" if multilingual else "gpt2"
+    vocab_file = os.path.join(os.path.dirname(whisper.__file__), "assets", f"{name}.tiktoken")
+    specials = [enc.decode_single_token_bytes(i).decode() for i in range(eot, enc.n_vocab)]
     fast = TikTokenConverter(vocab_file=vocab_file, pattern=enc._pat_str, extra_special_tokens=specials).converted()
     PreTrainedTokenizerFast(tokenizer_object=fast, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                             unk_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(out)
@@ -55,17 +62,20 @@ def save_random_whisper(out: Path, *, n_mels: int, vocab: int, encoder_layers: i
     """A seeded random Whisper of any dimensions, saved to `out` with Whisper's real tokenizer."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+    from tokenizers import Tokenizer
+
+    tok = tokenizer_dir(vocab, str(Path(out).parent))
+    eot = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id("<|endoftext|>")
     cfg = WhisperConfig(vocab_size=vocab, num_mel_bins=n_mels, d_model=d_model, encoder_layers=encoder_layers,
                         decoder_layers=decoder_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
                         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_source_positions=1500,
-                        max_target_positions=448, init_std=init_std, decoder_start_token_id=50258,
-                        pad_token_id=50257, eos_token_id=50257, bos_token_id=50257,
-                        begin_suppress_tokens=[220, 50257], suppress_tokens=None)
+                        max_target_positions=448, init_std=init_std, decoder_start_token_id=eot + 1,
+                        pad_token_id=eot, eos_token_id=eot, bos_token_id=eot,
+                        begin_suppress_tokens=[220, eot], suppress_tokens=None)
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(cfg).eval()
     out = Path(out)
     model.save_pretrained(out, safe_serialization=safe_serialization)
-    tok = tokenizer_dir(vocab - 51766, str(out.parent))
     for f in tok.iterdir():
         shutil.copy(f, out / f.name)
     return model

@@ -1,6 +1,8 @@
 """Decoding equals openai-whisper's `decode()` and `transcribe()` on the same random weights."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,64 @@ def test_beam_size_1_is_greedy(pair):
     beam1, _ = engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=1))
     greedy, _ = engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,)))
     assert beam1.tokens == greedy.tokens == ref.tokens
+
+
+def without_special_tokens(text: str) -> str:
+    """openai-whisper's text with the special tokens that the model sampled left out, as ours
+    (and faster-whisper's) is: it writes them out (a random English-only model samples language
+    tokens, which nothing suppresses)."""
+    return re.sub(r"<\|[^|]*\|>", "", text)
+
+
+@pytest.fixture(scope="module")
+def english_pair(en_model):
+    """(our engine, openai-whisper model) on the same English-only weights (GPT-2's vocabulary)."""
+    directory, hf = en_model
+    engine = Engine.load(str(directory), max_batch=8)
+    yield engine, openai_model(hf)[0]
+    engine.close()
+
+
+ENGLISH_CASES = {
+    "timestamps": dict(),
+    "no-timestamps": dict(without_timestamps=True),
+    "prompt": dict(prompt="Call me Ishmael."),
+}
+
+
+@pytest.mark.parametrize("case", ENGLISH_CASES)
+def test_english_only_model_decodes_as_openai_whisper(english_pair, case):
+    """The vocabulary of an English-only model holds language and task tokens too; the model
+    starts from <|startoftranscript|> alone, and English is assumed, not detected (openai-whisper's
+    `decode()` refuses to detect a language with such a model: it is given English)."""
+    engine, om = english_pair
+    assert not om.is_multilingual and not engine.tokenizer.is_multilingual
+    kw = ENGLISH_CASES[case]
+    mel = window_mel(engine.dims.n_mels, seed=len(case) + 40)
+    ref = whisper.decode(om, torch.from_numpy(mel),
+                         whisper.DecodingOptions(fp16=False, temperature=0.0, language="en", **kw))
+    ours, language = engine.decode(mel, TranscribeOptions(prompt=kw.get("prompt"), temperatures=(0.0,),
+                                                          timestamps=not kw.get("without_timestamps", False)))
+    assert len(ref.tokens) > 0
+    assert (ours.tokens, language) == (ref.tokens, "en")
+    assert ours.text == without_special_tokens(ref.text)
+    assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
+
+
+def test_english_only_model_transcribes_70s_as_openai_whisper(english_pair):
+    engine, om = english_pair
+    audio = speechlike(70.0, seed=13)
+    ref = whisper.transcribe(om, audio, temperature=0.0, fp16=False, verbose=None)
+    ours = engine.transcribe(audio, TranscribeOptions(mode="sequential", temperatures=(0.0,)))
+    assert ours.language == ref["language"] == "en"
+    assert len(ours.segments) == len(ref["segments"]) > 1
+    for a, b in zip(ours.segments, ref["segments"]):
+        assert (a.seek, a.tokens, a.text) == (b["seek"], b["tokens"], without_special_tokens(b["text"]))
+        assert (a.start, a.end) == pytest.approx((b["start"], b["end"]), abs=1e-3)
+
+
+def test_english_only_model_refuses_other_languages(english_pair):
+    engine, _ = english_pair
+    assert engine.languages == {}
+    with pytest.raises(ValueError, match="language 'it' is not one this model knows; accepted: en"):
+        engine.transcribe(speechlike(2.0, seed=1), TranscribeOptions(language="it"))

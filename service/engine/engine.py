@@ -69,7 +69,7 @@ class Engine:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         t0 = time.perf_counter()
         ckpt = weights.resolve(model)
-        tokenizer = WhisperTokenizer.from_directory(ckpt.directory)
+        tokenizer = WhisperTokenizer.from_directory(ckpt.directory, ckpt.dims.n_vocab)
         params = weights.build_params(ckpt.tensors(), ckpt.dims, DTYPES[dtype])
         _to_device(params)
         log.info("loaded %s (%s, %s) in %.1f s", model, ckpt.dims, dtype, time.perf_counter() - t0)
@@ -115,9 +115,9 @@ class Engine:
 
     def validate(self, options: TranscribeOptions) -> None:
         """Raises ValueError, naming the field first, for options this engine cannot take: those
-        TranscribeOptions.validate refuses, a language the model does not know, and more beams or
-        best-of candidates than the batch has rows."""
-        options.validate(self.languages if self.tokenizer.is_multilingual else None)
+        TranscribeOptions.validate refuses, a language the model does not know (an English-only
+        model knows only English), and more beams or best-of candidates than the batch has rows."""
+        options.validate(self.languages if self.tokenizer.is_multilingual else ("en",))
         for name in ("beam_size", "best_of"):
             rows = getattr(options, name)
             if rows is not None and rows > self.max_batch:

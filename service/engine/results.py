@@ -1,6 +1,7 @@
 """What a transcription request asks for, and what it gives back."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -30,8 +31,9 @@ class TranscribeOptions:
     patience: float | None = None  # beam search: stop once beam_size * patience hypotheses ended (default 1)
     length_penalty: float | None = None  # ranking: None divides the log-probability by the length, else by ((5 + length) / 6) ** alpha
 
-    def validate(self, languages: dict[str, int] | None = None) -> None:
-        """Raises ValueError naming the field, what it was and what is accepted."""
+    def validate(self, languages: Collection[str] | None = None) -> None:
+        """Raises ValueError naming the field, what it was and what is accepted; `languages`:
+        the codes a language must be one of (None: any)."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.mode not in MODES:

@@ -1,7 +1,10 @@
 """Whisper's tokenizer: byte-level BPE through `tokenizers`, special tokens found in the vocabulary.
 
 Special token ids are never hard-coded: they move by one between large-v2 and large-v3 (which
-added Cantonese), and English-only models have no language or task tokens.
+added Cantonese), and by one again in the English-only models, whose vocabulary (GPT-2's) has
+one token fewer. Those models' vocabularies hold language and task tokens too, but the models
+were never trained with them: whether a model is multilingual is told by its vocabulary's size,
+as openai-whisper tells it.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from ..languages import LANGUAGES
 
+MULTILINGUAL_VOCAB = 51865  # the smallest multilingual vocabulary; English-only models have 51864 tokens
+
 
 class WhisperTokenizer:
-    def __init__(self, tokenizer: Tokenizer, generation_config: dict | None = None):
+    def __init__(self, tokenizer: Tokenizer, generation_config: dict | None = None, *, multilingual: bool = True):
         self._tok = tokenizer
         self.generation_config = generation_config or {}
         self.eot = self._require("<|endoftext|>")
@@ -36,16 +41,18 @@ class WhisperTokenizer:
             pairs = [(tok[2:-2], i) for tok, i in lang_to_id.items()]
         else:
             pairs = [(code, self._id(f"<|{code}|>")) for code in LANGUAGES]
-        known = sorted((i, code) for code, i in pairs if i is not None)
-        self.language_tokens: dict[str, int] = {code: i for i, code in known}
+        known = sorted((i, code) for code, i in pairs if i is not None) if multilingual else []
+        self.language_tokens: dict[str, int] = {code: i for i, code in known}  # none: English only
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> "WhisperTokenizer":
+    def from_directory(cls, directory: str | Path, n_vocab: int) -> "WhisperTokenizer":
+        """The tokenizer in `directory`, for a model of `n_vocab` tokens."""
         d = Path(directory)
         gen_path = d / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        multilingual = n_vocab >= MULTILINGUAL_VOCAB
         if (d / "tokenizer.json").exists():
-            return cls(Tokenizer.from_file(str(d / "tokenizer.json")), gen)
+            return cls(Tokenizer.from_file(str(d / "tokenizer.json")), gen, multilingual=multilingual)
         if (d / "vocab.json").exists() and (d / "merges.txt").exists():
             tok = Tokenizer(BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
             tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
@@ -54,7 +61,7 @@ class WhisperTokenizer:
             if added.exists():
                 specials = sorted(json.loads(added.read_text()).items(), key=lambda kv: kv[1])
                 tok.add_special_tokens([name for name, _ in specials])
-            return cls(tok, gen)
+            return cls(tok, gen, multilingual=multilingual)
         raise FileNotFoundError(f"no tokenizer in {d}: expected tokenizer.json, or vocab.json and merges.txt")
 
     def _id(self, token: str) -> int | None:
