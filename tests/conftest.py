@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +62,17 @@ def tiny_engine(tiny_model):
 
 @pytest.fixture(scope="session")
 def en_model(model_root):
-    """English-only (tiny.en-like): 80 mels, GPT-2's vocabulary of 51864 tokens."""
+    """English-only (tiny.en-like): 80 mels, GPT-2's vocabulary of 51864 tokens; its generation
+    config lists suppress tokens and alignment heads of its own, as real checkpoints' do."""
+    from whisper.tokenizer import get_tokenizer
+
     out = model_root / "en"
-    return out, build_model(out, "en", seed=3)
+    model = build_model(out, "en", seed=3)
+    config = json.loads((out / "generation_config.json").read_text())
+    # Unlike the defaults, so that reading them shows: two more suppressed tokens (" Targ" and
+    # " cellul", which this model samples often), and one head of the lower decoder layer for
+    # word alignment (the default is every head of the upper half).
+    config["suppress_tokens"] = sorted(get_tokenizer(multilingual=False).non_speech_tokens) + [31089, 47354]
+    config["alignment_heads"] = [[0, 1]]
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out, model

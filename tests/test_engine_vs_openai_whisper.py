@@ -1,6 +1,7 @@
 """Decoding equals openai-whisper's `decode()` and `transcribe()` on the same random weights."""
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -159,10 +160,18 @@ def without_special_tokens(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def english_pair(en_model):
-    """(our engine, openai-whisper model) on the same English-only weights (GPT-2's vocabulary)."""
+    """(our engine, openai-whisper model, generation config) on the same English-only weights
+    (GPT-2's vocabulary); openai-whisper is given the config's alignment heads (its suppress
+    tokens are passed as decoding options)."""
     directory, hf = en_model
+    config = json.loads((directory / "generation_config.json").read_text())
     engine = Engine.load(str(directory), max_batch=8)
-    yield engine, openai_model(hf)[0]
+    om = openai_model(hf)[0]
+    heads = torch.zeros(om.dims.n_text_layer, om.dims.n_text_head, dtype=torch.bool)
+    for layer, head in config["alignment_heads"]:
+        heads[layer, head] = True
+    om.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
+    yield engine, om, config
     engine.close()
 
 
@@ -178,12 +187,12 @@ def test_english_only_model_decodes_as_openai_whisper(english_pair, case):
     """The vocabulary of an English-only model holds language and task tokens too; the model
     starts from <|startoftranscript|> alone, and English is assumed, not detected (openai-whisper's
     `decode()` refuses to detect a language with such a model: it is given English)."""
-    engine, om = english_pair
+    engine, om, config = english_pair
     assert not om.is_multilingual and not engine.tokenizer.is_multilingual
     kw = ENGLISH_CASES[case]
     mel = window_mel(engine.dims.n_mels, seed=len(case) + 40)
-    ref = whisper.decode(om, torch.from_numpy(mel),
-                         whisper.DecodingOptions(fp16=False, temperature=0.0, language="en", **kw))
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(
+        fp16=False, temperature=0.0, language="en", suppress_tokens=config["suppress_tokens"], **kw))
     ours, language = engine.decode(mel, TranscribeOptions(prompt=kw.get("prompt"), temperatures=(0.0,),
                                                           timestamps=not kw.get("without_timestamps", False)))
     assert len(ref.tokens) > 0
@@ -192,10 +201,22 @@ def test_english_only_model_decodes_as_openai_whisper(english_pair, case):
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
 
 
+def test_suppress_tokens_come_from_the_generation_config(english_pair):
+    engine, om, config = english_pair
+    mel = torch.from_numpy(window_mel(engine.dims.n_mels, seed=50))
+    by_default = whisper.decode(om, mel, whisper.DecodingOptions(fp16=False, temperature=0.0, language="en"))
+    assert set(by_default.tokens) & set(config["suppress_tokens"]), "the config's extra tokens would be sampled"
+    ref = whisper.decode(om, mel, whisper.DecodingOptions(
+        fp16=False, temperature=0.0, language="en", suppress_tokens=config["suppress_tokens"]))
+    ours, _ = engine.decode(mel.numpy(), TranscribeOptions(temperatures=(0.0,)))
+    assert ours.tokens == ref.tokens
+
+
 def test_english_only_model_transcribes_70s_as_openai_whisper(english_pair):
-    engine, om = english_pair
+    engine, om, config = english_pair
     audio = speechlike(70.0, seed=13)
-    ref = whisper.transcribe(om, audio, temperature=0.0, fp16=False, verbose=None)
+    ref = whisper.transcribe(om, audio, temperature=0.0, fp16=False, verbose=None,
+                             suppress_tokens=config["suppress_tokens"])
     ours = engine.transcribe(audio, TranscribeOptions(mode="sequential", temperatures=(0.0,)))
     assert ours.language == ref["language"] == "en"
     assert len(ours.segments) == len(ref["segments"]) > 1
@@ -204,8 +225,32 @@ def test_english_only_model_transcribes_70s_as_openai_whisper(english_pair):
         assert (a.start, a.end) == pytest.approx((b["start"], b["end"]), abs=1e-3)
 
 
+def test_word_alignment_reads_the_heads_of_the_generation_config(english_pair):
+    engine, om, config = english_pair
+    audio = speechlike(20.0, seed=14)
+    ref = whisper.transcribe(om, audio, temperature=0.0, fp16=False, verbose=None, word_timestamps=True,
+                             suppress_tokens=config["suppress_tokens"])
+    ours = engine.transcribe(audio, TranscribeOptions(mode="sequential", temperatures=(0.0,), word_timestamps=True))
+    ref_words = [w for s in ref["segments"] for w in s["words"]]
+    our_words = [w for s in ours.segments for w in s.words]
+    assert len(our_words) == len(ref_words) >= 5
+    for w, r in zip(our_words, ref_words):
+        assert w.word == r["word"]
+        assert (w.start, w.end) == pytest.approx((r["start"], r["end"]), abs=1e-6)
+    # openai-whisper with every head: other timings, so the heads read make the difference.
+    configured = om.alignment_heads
+    om.register_buffer("alignment_heads", torch.ones_like(configured.to_dense()).to_sparse(), persistent=False)
+    try:
+        every_head = whisper.transcribe(om, audio, temperature=0.0, fp16=False, verbose=None, word_timestamps=True,
+                                        suppress_tokens=config["suppress_tokens"])
+    finally:
+        om.register_buffer("alignment_heads", configured, persistent=False)
+    timings = lambda words: [(w["start"], w["end"]) for w in words]  # noqa: E731
+    assert timings(w for s in every_head["segments"] for w in s["words"]) != timings(ref_words)
+
+
 def test_english_only_model_refuses_other_languages(english_pair):
-    engine, _ = english_pair
+    engine = english_pair[0]
     assert engine.languages == {}
     with pytest.raises(ValueError, match="language 'it' is not one this model knows; accepted: en"):
         engine.transcribe(speechlike(2.0, seed=1), TranscribeOptions(language="it"))
