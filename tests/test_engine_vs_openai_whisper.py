@@ -35,6 +35,8 @@ CASES = {
     "transcribe-no-timestamps": dict(task="transcribe", language="en", without_timestamps=True),
     "prompt": dict(task="transcribe", language="it", prompt="Nel mezzo del cammin di nostra vita"),
     "prompt-no-timestamps": dict(task="translate", language="es", prompt="Hola, Ana.", without_timestamps=True),
+    # Longer than half the context: only its last 223 tokens are kept.
+    "long-prompt": dict(task="transcribe", language="it", prompt="Nel mezzo del cammin di nostra vita " * 40),
 }
 
 
@@ -52,7 +54,7 @@ def test_greedy_decode_equals_openai_whisper(pair, case):
     assert ours.text == ref.text
     assert language == ref.language
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
-    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, rel=1e-3)
     assert ours.compression_ratio == pytest.approx(ref.compression_ratio)
 
 
@@ -92,7 +94,7 @@ def test_sequential_mode_equals_openai_transcribe_on_70s(pair, task):
         assert a.start == pytest.approx(b["start"], abs=1e-3)
         assert a.end == pytest.approx(b["end"], abs=1e-3)
         assert a.avg_logprob == pytest.approx(b["avg_logprob"], abs=1e-4)
-        assert a.no_speech_prob == pytest.approx(b["no_speech_prob"], abs=1e-4)
+        assert a.no_speech_prob == pytest.approx(b["no_speech_prob"], rel=1e-3)
     assert ours.text == ref["text"]
 
 
@@ -139,7 +141,7 @@ def test_beam_search_equals_openai_whisper(pair, case):
     assert len(ref.tokens) > 0
     assert ours.tokens == ref.tokens
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
-    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, rel=1e-3)
 
 
 def test_beam_size_1_is_greedy(pair):
