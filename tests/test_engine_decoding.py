@@ -104,6 +104,18 @@ def test_failing_windows_fall_back_to_higher_temperatures(tiny_engine):
     assert {s.temperature for s in single.segments} == {0.0}
 
 
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_a_silent_window_is_skipped_without_falling_back(tiny_engine, mode):
+    """Over the no-speech threshold with a log-probability under its threshold, a window is
+    silence: it gives no segment, and is not decoded again at higher temperatures (as in
+    openai-whisper), though its log-probability fails the fallback's threshold."""
+    silence = dict(language="en", mode=mode, no_speech_threshold=1e-9, logprob_threshold=-1.0)
+    once = tiny_engine.transcribe(speechlike(10.0), TranscribeOptions(temperatures=(0.0,), **silence))
+    result = tiny_engine.transcribe(speechlike(10.0), TranscribeOptions(**silence))  # the fallback schedule
+    assert once.segments == result.segments == []
+    assert result.completion_tokens == once.completion_tokens > 0
+
+
 def test_batched_long_form_segments_are_ordered_and_cover_the_audio(tiny_engine):
     audio = speechlike(70.0, seed=4)
     result = tiny_engine.transcribe(audio, TranscribeOptions(language="en", temperatures=(0.0,)))

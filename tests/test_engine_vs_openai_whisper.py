@@ -256,3 +256,24 @@ def test_english_only_model_refuses_other_languages(english_pair):
     assert engine.languages == {}
     with pytest.raises(ValueError, match="language 'it' is not one this model knows; accepted: en"):
         engine.transcribe(speechlike(2.0, seed=1), TranscribeOptions(language="it"))
+
+
+def test_sequential_mode_skips_silent_windows_as_openai_transcribe(tiny_model, tiny_engine):
+    """On these weights and this audio, the first windows' no-speech probabilities are 3.8e-5,
+    4.0e-5 and 2.8e-5, and their average log-probabilities -7.35, -7.38 and -7.23: between them,
+    the thresholds below keep the first window for its log-probability, though it is over the
+    no-speech threshold, and skip the second (the reference's own decisions are checked too)."""
+    om = openai_model(tiny_model[1])[0]
+    audio = speechlike(70.0, seed=11)
+    thresholds = dict(no_speech_threshold=3e-5, logprob_threshold=-7.36)
+    ref = whisper.transcribe(om, audio, language="en", temperature=0.0, fp16=False, verbose=None, **thresholds)
+    every = whisper.transcribe(om, audio, language="en", temperature=0.0, fp16=False, verbose=None,
+                               no_speech_threshold=None, logprob_threshold=None)
+    windows = lambda result: sorted({s["seek"] for s in result["segments"]})  # noqa: E731
+    assert windows(every)[:2] == [0, 2986]
+    assert windows(ref)[0] == 0 and 2986 not in windows(ref)
+    ours = tiny_engine.transcribe(audio, TranscribeOptions(language="en", mode="sequential", temperatures=(0.0,),
+                                                           **thresholds))
+    assert [(a.seek, a.tokens) for a in ours.segments] == [(b["seek"], b["tokens"]) for b in ref["segments"]]
+    for a, b in zip(ours.segments, ref["segments"]):
+        assert (a.start, a.end) == pytest.approx((b["start"], b["end"]), abs=1e-3)
