@@ -30,10 +30,20 @@ def test_seeded_sampling_is_reproducible(tiny_engine):
     assert a.tokens != greedy.tokens
 
 
-def test_a_window_decodes_the_same_alone_and_in_a_batch_of_8(tiny_engine):
+def test_a_window_decodes_the_same_alone_and_in_a_batch_of_8(tiny_engine, monkeypatch):
+    live_rows = []  # windows in the batch at each step
+    step = tiny_engine.programs.step
+
+    def counted_step(*args, **kwargs):
+        live_rows.append(sum(group is not None for group in tiny_engine.scheduler._groups))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.programs, "step", counted_step)
     mels = [mel(tiny_engine, s) for s in range(8)]
     opts = TranscribeOptions(language="en", temperatures=(0.0,))
     alone = [tiny_engine.decode(m, opts)[0].tokens for m in mels]
+    assert max(live_rows) == 1
+    live_rows.clear()
     barrier = threading.Barrier(8)
 
     def together(m):
@@ -42,6 +52,7 @@ def test_a_window_decodes_the_same_alone_and_in_a_batch_of_8(tiny_engine):
 
     with ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(together, mels))
+    assert max(live_rows) == 8
     assert batched == alone
 
 
