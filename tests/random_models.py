@@ -49,16 +49,15 @@ def tokenizer_dir(vocab: int, root: str) -> Path:
 
 
 def build_model(out: Path, arch: str = "tiny", *, d_model: int = 64, heads: int = 2, seed: int = 0,
-                init_std: float = 0.1, safe_serialization: bool = True):
+                init_std: float = 0.1):
     """Save a random Whisper of the given architecture to `out`; returns the transformers model."""
     n_mels, vocab, enc_layers, dec_layers = ARCHITECTURES[arch]
     return save_random_whisper(out, n_mels=n_mels, vocab=vocab, encoder_layers=enc_layers, decoder_layers=dec_layers,
-                               d_model=d_model, heads=heads, seed=seed, init_std=init_std,
-                               safe_serialization=safe_serialization)
+                               d_model=d_model, heads=heads, seed=seed, init_std=init_std)
 
 
 def save_random_whisper(out: Path, *, n_mels: int, vocab: int, encoder_layers: int, decoder_layers: int, d_model: int,
-                        heads: int, seed: int = 0, init_std: float = 0.02, safe_serialization: bool = True):
+                        heads: int, seed: int = 0, init_std: float = 0.02):
     """A seeded random Whisper of any dimensions, saved to `out` with Whisper's real tokenizer."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -75,7 +74,7 @@ def save_random_whisper(out: Path, *, n_mels: int, vocab: int, encoder_layers: i
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(cfg).eval()
     out = Path(out)
-    model.save_pretrained(out, safe_serialization=safe_serialization)
+    model.save_pretrained(out)
     for f in tok.iterdir():
         shutil.copy(f, out / f.name)
     return model

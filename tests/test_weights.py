@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from random_models import openai_model
-from service.engine import weights
+from service.engine import Engine, weights
 from service.engine.weights import CheckpointError
 
 
@@ -61,6 +64,28 @@ def test_pytorch_bin_loads_the_same(tiny_model, reference, tmp_path):
     assert_same(params_of(tmp_path), reference)
 
 
+def test_sharded_pytorch_bin_loads_the_same(tiny_model, reference, tmp_path):
+    """Shards as older Hugging Face repositories have them (transformers now writes safetensors only)."""
+    directory, hf = tiny_model
+    state = hf.state_dict()
+    names = list(state)
+    shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+    for file, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / file)
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    copy_side_files(directory, tmp_path)
+    assert_same(params_of(tmp_path), reference)
+
+
+def test_safetensors_are_read_before_pytorch_bin(tiny_model, reference, tmp_path):
+    directory, _ = tiny_model
+    copy_side_files(directory, tmp_path)
+    shutil.copy(directory / "model.safetensors", tmp_path / "model.safetensors")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint: reading it would fail")
+    assert_same(params_of(tmp_path), reference)
+
+
 def test_openai_checkpoint_loads_the_same(tiny_model, reference, tmp_path):
     directory, hf = tiny_model
     om, dims = openai_model(hf)
@@ -69,6 +94,13 @@ def test_openai_checkpoint_loads_the_same(tiny_model, reference, tmp_path):
     ckpt = weights.resolve(str(tmp_path / "tiny.pt"))
     assert ckpt.directory == tmp_path
     assert_same(params_of(tmp_path / "tiny.pt"), reference)
+
+
+def test_openai_checkpoint_without_a_tokenizer_says_where_to_get_one(tiny_model, tmp_path):
+    om, dims = openai_model(tiny_model[1])
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": om.state_dict()}, tmp_path / "tiny.pt")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json.*needs those of the same model's Hugging Face"):
+        Engine.load(str(tmp_path / "tiny.pt"))
 
 
 def test_bfloat16_load_keeps_values_to_bfloat16_precision(tiny_model, reference):
@@ -116,12 +148,12 @@ def test_missing_path_is_reported():
         weights.resolve("/nonexistent/whisper")
 
 
-def test_offline_hub_without_cache_says_how_to_use_a_local_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match="--model /path/to/a/local/model/directory"):
-        weights.resolve("openai/whisper-large-v3")
+def test_offline_hub_without_cache_says_how_to_use_a_local_directory(tmp_path):
+    """HF_HUB_OFFLINE and HF_HOME, as set for the process: it fails at once, naming the cache."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    code = "from service.engine import weights; weights.resolve('openai/whisper-large-v3')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "CheckpointError" in done.stderr
+    assert str(tmp_path / "hf") in done.stderr
+    assert "--model /path/to/a/local/model/directory" in done.stderr

@@ -62,7 +62,9 @@ class WhisperTokenizer:
                 specials = sorted(json.loads(added.read_text()).items(), key=lambda kv: kv[1])
                 tok.add_special_tokens([name for name, _ in specials])
             return cls(tok, gen, multilingual=multilingual)
-        raise FileNotFoundError(f"no tokenizer in {d}: expected tokenizer.json, or vocab.json and merges.txt")
+        raise FileNotFoundError(
+            f"no tokenizer in {d}: expected tokenizer.json, or vocab.json and merges.txt (an OpenAI .pt checkpoint "
+            "needs those of the same model's Hugging Face repository beside it, e.g. openai/whisper-large-v3's)")
 
     def _id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
