@@ -1,17 +1,23 @@
 """`python -m service translate|transcribe FILE...`: the engine on files, without a server."""
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 
 import av
 import numpy as np
 import pytest
 
 from audio_signals import speechlike
+from service.audio import decode_audio
+from service.engine import TranscribeOptions
 
 SEGMENT_FIELDS = {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
                   "no_speech_prob"}
@@ -97,3 +103,46 @@ def test_decoding_controls_reach_the_engine(tiny_model, files):
     assert all({"word", "start", "end", "probability"} <= set(w) for s in x["segments"] for w in s["words"])
     r = run_cli("transcribe", str(files["wav"]), "--model", str(tiny_model[0]), "--beam-size", "11")
     assert r.returncode == 2 and "beam_size must be in [1, 10], got 11" in r.stderr
+
+
+def test_sampling_controls_give_what_the_engine_gives(tiny_model, tiny_engine, files, tmp_path):
+    """--mode, --seed, --temperature and --max-new-tokens reach the engine: the command line's
+    segments are those of the engine given the same options (a seed of its own draws others).
+    The compilation cache is kept where DRAGOMAN_COMPILATION_CACHE says."""
+    cache = tmp_path / "jax-cache"
+    r = run_cli("transcribe", str(files["mp3"]), "--model", str(tiny_model[0]), "--json", "--language", "en",
+                "--mode", "sequential", "--seed", "3", "--temperature", "0.6", "--no-temperature-fallback",
+                "--max-new-tokens", "5", DRAGOMAN_COMPILATION_CACHE=str(cache))
+    assert r.returncode == 0, r.stderr
+    got = [(s["seek"], s["tokens"], s["temperature"]) for s in json.loads(r.stdout)["segments"]]
+    audio = decode_audio(str(files["mp3"]))
+    options = dict(language="en", mode="sequential", temperatures=(0.6,), max_new_tokens=5)
+    for seed, same in ((3, True), (4, False)):
+        want = tiny_engine.transcribe(audio, TranscribeOptions(seed=seed, **options))
+        assert (got == [(s.seek, s.tokens, s.temperature) for s in want.segments]) is same
+    assert all(len(tokens) <= 5 for _, tokens, _ in got)
+    assert any(cache.iterdir()), "compiled programs are kept in the cache"
+
+
+def test_a_long_file_shows_progress_on_a_terminal(tiny_model, files):
+    primary, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal of 100 columns
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off"}
+    with subprocess.Popen([sys.executable, "-m", "service", "transcribe", str(files["mp3"]), str(files["wav"]),
+                           "--model", str(tiny_model[0]), "--language", "en", "--temperature", "0"],
+                          stdout=subprocess.DEVNULL, stderr=terminal, env=env) as process:
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(timeout=600) == 0
+    os.close(primary)
+    text = shown.decode(errors="replace")
+    assert "long.mp3:" in text and "/35.0" in text  # the bar of the 35 s file
+    assert "short.wav:" not in text  # a file of one window has none
