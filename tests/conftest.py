@@ -76,3 +76,12 @@ def en_model(model_root):
     config["alignment_heads"] = [[0, 1]]
     (out / "generation_config.json").write_text(json.dumps(config))
     return out, model
+
+
+@pytest.fixture(scope="session")
+def en_engine(en_model):
+    from service.engine import Engine
+
+    engine = Engine.load(str(en_model[0]), max_batch=8)
+    yield engine
+    engine.close()

@@ -161,20 +161,18 @@ def without_special_tokens(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def english_pair(en_model):
+def english_pair(en_model, en_engine):
     """(our engine, openai-whisper model, generation config) on the same English-only weights
     (GPT-2's vocabulary); openai-whisper is given the config's alignment heads (its suppress
     tokens are passed as decoding options)."""
     directory, hf = en_model
     config = json.loads((directory / "generation_config.json").read_text())
-    engine = Engine.load(str(directory), max_batch=8)
     om = openai_model(hf)[0]
     heads = torch.zeros(om.dims.n_text_layer, om.dims.n_text_head, dtype=torch.bool)
     for layer, head in config["alignment_heads"]:
         heads[layer, head] = True
     om.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
-    yield engine, om, config
-    engine.close()
+    return en_engine, om, config
 
 
 ENGLISH_CASES = {

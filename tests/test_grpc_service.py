@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
 from dragoman.v1 import speech_pb2 as pb
-from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone
+from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields
 from service.languages import LANGUAGES
 
 
@@ -83,6 +84,24 @@ def test_list_models(client, server, tiny_engine):
     assert m.multilingual is True
     assert [lang.code for lang in m.languages] == list(tiny_engine.languages)
     assert {lang.code: lang.name for lang in m.languages}["it"] == "italian"
+
+
+def test_an_english_only_model_lists_english_and_refuses_other_languages(en_engine, wav):
+    server = start_server(en_engine)
+    try:
+        client = stub(server.port)
+        m, = client.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert m.multilingual is False
+        assert [(lang.code, lang.name) for lang in m.languages] == [("en", "english")]
+        r = call(client, "translate", config(temperature=0), wav)
+        assert r.segments and r.summary.language == "en"
+        with pytest.raises(grpc.RpcError) as e:
+            call(client, "transcribe", config(language="it"), wav)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(e.value) == ["config.language"]
+        assert "accepted: en" in e.value.details()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("encoding", ["s16le", "f32le"])
