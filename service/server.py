@@ -172,14 +172,17 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
         log.error("%s", e)
         return 1
 
-    def on_signal() -> None:
-        if stopping.is_set():  # a second signal: stop now, cancelling calls in flight
-            log.warning("second signal: cancelling %d call(s) in flight", server.servicer.active)
+    def on_signal(sig: signal.Signals) -> None:
+        # SIGTERM asks for a graceful stop however often it comes: a supervisor and the process
+        # group (systemd's control-group kill, a script forwarding it) may each send one. A
+        # SIGINT after the first signal (Ctrl-C twice) stops at once, cancelling calls in flight.
+        if stopping.is_set() and sig == signal.SIGINT:
+            log.warning("second interrupt: cancelling %d call(s) in flight", server.servicer.active)
             asyncio.ensure_future(server.server.stop(0))
         stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     ready: asyncio.Future = loop.create_future()
 
     def load() -> None:  # a daemon thread: a signal during loading does not wait for it
