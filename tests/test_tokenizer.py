@@ -44,3 +44,14 @@ def test_the_generation_config_names_languages_and_suppressed_tokens(tokenizers_
     controls = {ref.translate, ref.transcribe, ref.sot, ref.sot_prev, ref.sot_lm, ref.no_speech}  # always suppressed
     assert ours.suppress_tokens == sorted({1, 2, 3} | controls)
     assert ours.blank_suppress == [13, 220, 50257]
+
+
+def test_special_tokens_written_in_text_are_text(tokenizers_dir):
+    """A prompt cannot feed the decoder control tokens: "<|endoftext|>" in it is those
+    characters, encoded as openai-whisper's tokenizer encodes them with no special token allowed."""
+    ours = WhisperTokenizer.from_directory(tokenizer_dir(51865, tokenizers_dir), 51865)
+    text = " Nel mezzo <|endoftext|> del <|en|><|transcribe|><|30.00|> cammin"
+    tokens = ours.encode(text)
+    assert tokens == get_tokenizer(multilingual=True).encoding.encode(text, disallowed_special=())
+    assert all(t < ours.eot for t in tokens)
+    assert ours.decode(tokens) == text

@@ -25,6 +25,9 @@ MULTILINGUAL_VOCAB = 51865  # the smallest multilingual vocabulary; English-only
 class WhisperTokenizer:
     def __init__(self, tokenizer: Tokenizer, generation_config: dict | None = None, *, multilingual: bool = True):
         self._tok = tokenizer
+        # Text is text: "<|endoftext|>" in a prompt is those characters, not the control token
+        # (as openai-whisper's tiktoken encodes it with no special tokens allowed).
+        self._tok.encode_special_tokens = True
         self.generation_config = generation_config or {}
         self.eot = self._require("<|endoftext|>")
         self.sot = self._require("<|startoftranscript|>")
