@@ -113,10 +113,11 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
 
 
 def _config(r: Request) -> speech_pb2.Config:
-    cfg = speech_pb2.Config(model=r.model, language=r.language or "", prompt=r.prompt or "",
-                            seed=r.seed or 0, stream_deltas=r.stream_deltas)
-    if r.seed is not None and r.seed >= 2**63:  # an unsigned 64-bit seed, folded into int64
-        cfg.seed = r.seed - 2**64
+    seed = r.seed or 0
+    if seed >= 2**63:  # an unsigned 64-bit seed, folded into int64
+        seed -= 2**64
+    cfg = speech_pb2.Config(model=r.model, language=r.language or "", prompt=r.prompt or "", seed=seed,
+                            stream_deltas=r.stream_deltas)
     if r.temperature is not None:
         cfg.temperature = r.temperature
     if r.repetition_penalty is not None:

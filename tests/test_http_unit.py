@@ -272,6 +272,15 @@ def test_decoding_fields_in_the_grpc_config():
     assert _config(Request(task="transcribe", model="m", temperature_fallback=True)).HasField("temperature_fallback")
 
 
+@pytest.mark.parametrize("seed, folded", [(None, 0), (4419, 4419), (-1, -1), (2**63 - 1, 2**63 - 1),
+                                          (2**63, -2**63), (2**64 - 1, -1)])
+def test_unsigned_64_bit_seeds_are_folded_into_the_config(seed, folded):
+    from http_shim.backend import Request
+    from http_shim.grpc_backend import _config
+
+    assert _config(Request(task="transcribe", model="m", seed=seed)).seed == folded
+
+
 def test_patience_before_the_file_waits_for_a_beam_size_after_it(client, backend):
     parts = [("patience", "2"), ("file", ("a.wav", AUDIO)), ("beam_size", "3")]
     assert post(client, "/v1/audio/transcriptions", parts).status_code == 200
