@@ -250,8 +250,12 @@ class _Call:
     # -- the audio
 
     def _check_message(self, message, received: int) -> bytes:
-        if message.WhichOneof("payload") != "audio":
+        payload = message.WhichOneof("payload")
+        if payload == "config":
             raise invalid_argument("config", "a second config; the config comes once, in the first message")
+        if payload is None:
+            raise invalid_argument("audio", "a message with neither config nor audio; after the config, every "
+                                            "message carries audio")
         if received + len(message.audio) > self.config.max_upload_bytes:
             raise invalid_argument("audio", f"the audio is larger than the {self.config.max_upload_bytes} bytes allowed")
         return message.audio

@@ -124,6 +124,13 @@ def test_second_config(server, wav, pcm_input):
 
 
 @pytest.mark.parametrize("pcm_input", [False, True])
+def test_a_message_with_no_payload(server, wav, pcm_input):
+    cfg = config(encoding=S16, sample_rate_hertz=16000) if pcm_input else config()
+    messages = [pb.TranslateRequest(config=cfg), pb.TranslateRequest(audio=wav[:4000]), pb.TranslateRequest()]
+    assert "neither config nor audio" in invalid(fails(stub(server.port), messages), "audio")
+
+
+@pytest.mark.parametrize("pcm_input", [False, True])
 def test_empty_audio(server, pcm_input):
     cfg = config(encoding=S16, sample_rate_hertz=16000) if pcm_input else config()
     invalid(fails(stub(server.port), [pb.TranscribeRequest(config=cfg)], "transcribe"), "audio")
