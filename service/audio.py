@@ -15,6 +15,8 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
+# Floating-point audio can hold these; the features of such a window would be meaningless.
+NOT_FINITE = "the audio holds NaN or infinite samples; floating-point samples must be finite, in [-1, 1]"
 
 
 class AudioError(ValueError):
@@ -59,6 +61,8 @@ def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = Au
 
 def _append(chunks: list[np.ndarray], frame: av.AudioFrame, limits: AudioLimits, total: int, max_samples: int) -> int:
     samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise AudioError(NOT_FINITE)
     if total + len(samples) > max_samples:
         raise AudioError(f"the audio is longer than the {limits.max_seconds:g} s allowed")
     chunks.append(samples)

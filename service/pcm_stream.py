@@ -8,7 +8,7 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from .audio import PCM_FORMATS, SAMPLE_RATE, AudioError
+from .audio import NOT_FINITE, PCM_FORMATS, SAMPLE_RATE, AudioError
 
 
 class PcmStream:
@@ -42,6 +42,8 @@ class PcmStream:
         if whole == 0:
             return np.zeros(0, np.float32)
         frames = np.frombuffer(data, self.dtype, count=whole // self.dtype.itemsize).reshape(-1, self.channels)
+        if self.dtype.kind == "f" and not np.isfinite(frames).all():
+            raise AudioError(NOT_FINITE)
         self.frames_in += len(frames)
         mono = frames.astype(np.float32).mean(axis=1) if self.channels > 1 else frames[:, 0].astype(np.float32)
         if self.dtype == np.int16:

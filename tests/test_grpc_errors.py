@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from dragoman.v1 import speech_pb2 as pb
@@ -121,6 +122,16 @@ def test_second_config(server, wav, pcm_input):
     messages = [pb.TranslateRequest(config=cfg), pb.TranslateRequest(audio=wav[:4000]),
                 pb.TranslateRequest(config=cfg), pb.TranslateRequest(audio=wav[4000:])]
     invalid(fails(stub(server.port), messages), "config")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_samples_that_are_not_finite(server, bad):
+    audio = tone(2.0)
+    audio[8000] = bad
+    f32 = config(encoding=pb.AUDIO_ENCODING_F32LE, sample_rate_hertz=16000)
+    for cfg, data in ((f32, pcm(audio, "f32le")), (config(), encode(audio, 16000, "wav", "pcm_f32le"))):
+        assert "NaN or infinite samples" in invalid(fails(stub(server.port), requests("transcribe", cfg, data),
+                                                          "transcribe"), "audio")
 
 
 @pytest.mark.parametrize("pcm_input", [False, True])
