@@ -438,9 +438,11 @@ def test_api_key(make_client):
 def test_models_and_health(client, backend):
     data = client.get("/v1/models").get_json()
     assert data["object"] == "list"
-    assert [m["id"] for m in data["data"]] == ["/models/whisper-large-v3", "whisper-1"]
+    assert [m["id"] for m in data["data"]] == ["/models/whisper-large-v3", "whisper-large-v3", "whisper-1"]
+    assert {m["root"] for m in data["data"]} == {"/models/whisper-large-v3"}
     assert all(m["object"] == "model" and "created" in m and "owned_by" in m for m in data["data"])
-    assert client.get("/v1/models/whisper-1").get_json()["id"] == "whisper-1"
+    for name in ("whisper-1", "whisper-large-v3"):  # every name a request may give is one GET finds
+        assert client.get(f"/v1/models/{name}").get_json()["id"] == name
     assert error_of(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
     assert client.get("/health").status_code == 200
     backend.status = "NOT_SERVING"
