@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from service.engine.tokenizer import MULTILINGUAL_VOCAB
+
 # name: (n_mels, vocab, encoder layers, decoder layers)
 ARCHITECTURES = {
     "tiny": (80, 51865, 2, 2),  # multilingual, 99 languages, as tiny..large-v2
@@ -35,7 +37,7 @@ def tokenizer_dir(vocab: int, root: str) -> Path:
     out = Path(root) / f"tokenizer-{vocab}"
     if (out / "tokenizer.json").exists():
         return out
-    multilingual = vocab > 51864
+    multilingual = vocab >= MULTILINGUAL_VOCAB
     enc = get_tokenizer(multilingual=multilingual, num_languages=vocab - 51766 if multilingual else 99).encoding
     assert enc.n_vocab == vocab, (enc.n_vocab, vocab)
     eot = enc.eot_token
@@ -59,9 +61,8 @@ def build_model(out: Path, arch: str = "tiny", *, d_model: int = 64, heads: int 
 def save_random_whisper(out: Path, *, n_mels: int, vocab: int, encoder_layers: int, decoder_layers: int, d_model: int,
                         heads: int, seed: int = 0, init_std: float = 0.02):
     """A seeded random Whisper of any dimensions, saved to `out` with Whisper's real tokenizer."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
     from tokenizers import Tokenizer
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     tok = tokenizer_dir(vocab, str(Path(out).parent))
     eot = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id("<|endoftext|>")

@@ -18,8 +18,8 @@ ROWS = 64
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    ours = WhisperTokenizer.from_directory(tokenizer_dir(N_VOCAB, str(tmp_path_factory.mktemp("tok"))), N_VOCAB)
+def tokenizers(model_root):
+    ours = WhisperTokenizer.from_directory(tokenizer_dir(N_VOCAB, str(model_root)), N_VOCAB)
     return ours, get_tokenizer(multilingual=True, language="en", task="transcribe")
 
 

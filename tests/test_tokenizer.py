@@ -14,8 +14,9 @@ VOCABULARIES = {51864: dict(multilingual=False), 51865: dict(multilingual=True, 
 
 
 @pytest.fixture(scope="module")
-def tokenizers_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
+def tokenizers_dir(model_root):
+    """Where the test models' tokenizers are built: each vocabulary's is built once a session."""
+    return str(model_root)
 
 
 @pytest.mark.parametrize("vocab", VOCABULARIES)
