@@ -18,6 +18,7 @@ from .config import Config
 from .errors import APIError, bad_request
 from .forms import FieldEvent, FileData, FileEnd, FileStart, Params, _human, boundary_of, read_multipart
 from .render import EventStream, Result
+from service.model_names import short_name
 
 log = logging.getLogger("http_shim")
 
@@ -55,7 +56,7 @@ class Catalog:
             if name == m.id or name in m.aliases:
                 return m.id
         for m in models:
-            if name == _last_part(m.id):
+            if name == short_name(m.id):
                 return m.id
         raise APIError(404, f"The model '{name}' does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
@@ -63,7 +64,7 @@ class Catalog:
     def entries(self) -> list[dict]:
         out, seen = [], set()
         for m in self.list(fresh=True):
-            for name in [m.id, _last_part(m.id), *m.aliases]:
+            for name in [m.id, short_name(m.id), *m.aliases]:
                 if name not in seen:
                     seen.add(name)
                     out.append({"id": name, "object": "model", "created": m.created, "owned_by": m.owned_by,
@@ -75,11 +76,6 @@ class Catalog:
                 out.append({"id": alias, "object": "model", "created": out[0]["created"], "owned_by": "dragoman",
                             "root": first})
         return out
-
-
-def _last_part(model_id: str) -> str:
-    """What a model is also called by: the last part of its hub id or path ("whisper-large-v3")."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1]
 
 
 class State:

@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from service.model_names import WHISPER_ALIAS
+
 DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024  # OpenAI's limit on audio files
 
 
@@ -20,7 +22,7 @@ class Config:
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     workers: int = 1
     threads: int = 32
-    served_aliases: tuple[str, ...] = ("whisper-1",)  # names every served model also answers to
+    served_aliases: tuple[str, ...] = (WHISPER_ALIAS,)  # names every served model also answers to
     models_cache_seconds: float = 10.0
 
     @classmethod

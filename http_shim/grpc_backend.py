@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from dragoman.v1 import speech_pb2, speech_pb2_grpc
+from service.errors import AUDIO_TIMEOUT, AUDIO_TOO_LARGE, DOMAIN
 
 from .backend import DECODING_FIELDS, Delta, Event, ModelInfo, Request, SegmentEvent, Summary
 from .errors import APIError
@@ -66,7 +67,7 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
     """An HTTP error in OpenAI's shape for a failed gRPC call; `overrides` as form_field takes them."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(code)
-    violations, retry = [], None
+    violations, retry, reasons = [], None, set()
     try:
         status = rpc_status.from_call(err)
     except Exception:  # a malformed or mismatched details trailer: keep the code and message
@@ -81,11 +82,18 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 retry = _seconds(info.retry_delay)
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.domain == DOMAIN:
+                    reasons.add(info.reason)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         param = form_field(violations[0].field, overrides) if violations else None
         text = violations[0].description if violations and violations[0].description else message
         if param and violations:
             text = f"Invalid '{param}': {text}"
+        if AUDIO_TOO_LARGE in reasons:
+            return APIError(413, text, param="file", code="file_too_large")
         if param == "model":
             return APIError(404, f"The model does not exist or you do not have access to it: {text}",
                             param="model", code="model_not_found")
@@ -100,6 +108,8 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
     if code == grpc.StatusCode.UNAVAILABLE:
         return APIError(503, f"The speech service is not available: {message}", code="service_unavailable",
                         retry_after=retry)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and AUDIO_TIMEOUT in reasons:
+        return APIError(408, f"The upload stalled: {message}", code="request_timeout")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, "The request took longer than the server's request timeout", code="timeout")
     if code == grpc.StatusCode.CANCELLED:

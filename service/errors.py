@@ -1,4 +1,4 @@
-"""gRPC errors with google.rpc details (BadRequest, RetryInfo), as the contract promises.
+"""gRPC errors with google.rpc details (BadRequest, RetryInfo, ErrorInfo), as the contract promises.
 
 Handlers raise `ServiceError`; the servicer ends the call with `status()`, which carries the
 google.rpc.Status in the `grpc-status-details-bin` trailer that
@@ -15,6 +15,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 RETRY_AFTER_SECONDS = 1.0  # what RetryInfo advises when the server is busy
+
+# google.rpc.ErrorInfo reasons, for errors a client may want to tell apart from others of their
+# status code (the HTTP shim answers them with their own HTTP statuses).
+DOMAIN = "dragoman.v1"
+AUDIO_TOO_LARGE = "AUDIO_TOO_LARGE"  # INVALID_ARGUMENT: more audio bytes than the server accepts
+AUDIO_TIMEOUT = "AUDIO_TIMEOUT"  # DEADLINE_EXCEEDED: no message within the server's receive timeout
 
 
 class ServiceError(Exception):
@@ -33,11 +39,18 @@ class ServiceError(Exception):
         return rpc_status.to_status(status)
 
 
-def invalid_argument(field: str, description: str) -> ServiceError:
-    """INVALID_ARGUMENT with a BadRequest naming the request field at fault (`config.language`)."""
+def invalid_argument(field: str, description: str, reason: str | None = None) -> ServiceError:
+    """INVALID_ARGUMENT with a BadRequest naming the request field at fault (`config.language`),
+    and an ErrorInfo when a `reason` is given."""
     violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}",
-                        [error_details_pb2.BadRequest(field_violations=[violation])])
+    details: list[Message] = [error_details_pb2.BadRequest(field_violations=[violation])]
+    if reason is not None:
+        details.append(error_info(reason))
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", details)
+
+
+def error_info(reason: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
 
 
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
@@ -53,6 +66,13 @@ def resource_exhausted(message: str, retry_after: float = RETRY_AFTER_SECONDS) -
 def unavailable(message: str, retry_after: float = RETRY_AFTER_SECONDS) -> ServiceError:
     """UNAVAILABLE with RetryInfo: the model is loading or the server is going away."""
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, [retry_info(retry_after)])
+
+
+def audio_timeout(seconds: float) -> ServiceError:
+    """DEADLINE_EXCEEDED (AUDIO_TIMEOUT): the client sent nothing for `seconds` mid-call."""
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no message came for {seconds:g} s while the audio was still expected; send the audio as it "
+                        "comes and half-close the call when it ends", [error_info(AUDIO_TIMEOUT)])
 
 
 def internal(message: str) -> ServiceError:

@@ -32,6 +32,7 @@ from .engine import Segment as EngineSegment
 from .languages import LANGUAGES, language_code
 from .errors import ServiceError, invalid_argument
 from .pcm_stream import PcmStream
+from .model_names import short_name
 from .settings import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class _Call:
             self.receiver.cancel()
 
     async def run(self):
-        first = await anext(self.requests, None)
+        first = await self._next_message()
         if first is None:
             raise invalid_argument("config", "the call ended before its config; send a config message first")
         if first.WhichOneof("payload") != "config":
@@ -187,10 +188,11 @@ class _Call:
     # -- the Config
 
     def _options(self, c: pb.Config) -> tuple[TranscribeOptions, PcmStream | None]:
-        allowed = {"", self.servicer.model_id, self.engine.name, *self.config.aliases}
-        if c.model not in allowed:
+        model_id = self.servicer.model_id
+        names = list(dict.fromkeys([model_id, short_name(model_id), *self.config.aliases]))
+        if c.model not in {"", self.engine.name, *names}:
             raise invalid_argument("config.model", f"model {c.model!r} is not served here; use "
-                                   f"{self.servicer.model_id!r}, {' or '.join(map(repr, self.config.aliases))}, or leave it empty")
+                                   f"{', '.join(map(repr, names))}, or leave it empty")
         language = None
         if c.language.strip():
             language = language_code(c.language)
@@ -249,6 +251,14 @@ class _Call:
 
     # -- the audio
 
+    async def _next_message(self):
+        """The call's next request message; None once the client half-closes."""
+        timeout = self.config.receive_timeout or None
+        try:
+            return await asyncio.wait_for(anext(self.requests, None), timeout)
+        except TimeoutError:
+            raise errors.audio_timeout(self.config.receive_timeout) from None
+
     def _check_message(self, message, received: int) -> bytes:
         payload = message.WhichOneof("payload")
         if payload == "config":
@@ -257,12 +267,13 @@ class _Call:
             raise invalid_argument("audio", "a message with neither config nor audio; after the config, every "
                                             "message carries audio")
         if received + len(message.audio) > self.config.max_upload_bytes:
-            raise invalid_argument("audio", f"the audio is larger than the {self.config.max_upload_bytes} bytes allowed")
+            raise invalid_argument("audio", f"the audio is larger than the {self.config.max_upload_bytes} bytes allowed",
+                                   errors.AUDIO_TOO_LARGE)
         return message.audio
 
     async def _receive_all(self) -> bytes:
         chunks, received = [], 0
-        async for message in self.requests:
+        while (message := await self._next_message()) is not None:
             data = self._check_message(message, received)
             chunks.append(data)
             received += len(data)
@@ -274,7 +285,7 @@ class _Call:
         """Reads PCM messages into `feed` until the half-close; a bad one ends the call."""
         received = 0
         try:
-            async for message in self.requests:
+            while (message := await self._next_message()) is not None:
                 data = self._check_message(message, received)
                 received += len(data)
                 pieces = pcm.push(data)

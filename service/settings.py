@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 
 from .engine import MODES
+from .model_names import WHISPER_ALIAS
 
-WHISPER_ALIAS = "whisper-1"  # the model name OpenAI's clients send
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class ServerConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # audio bytes per call
     default_mode: str = "batched"  # long-form mode when the request leaves it unspecified
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM/SIGINT
+    # Seconds a call may go without a request message before its audio has ended (0: no limit):
+    # a stalled client would otherwise hold one of the concurrent streams for as long as its
+    # connection stays open.
+    receive_timeout: float = 60.0
     model_id: str | None = None  # the served model's id; None: the engine's name
     aliases: tuple[str, ...] = (WHISPER_ALIAS,)
 
@@ -35,6 +39,8 @@ class ServerConfig:
             raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {self.default_mode!r}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
+        if not self.receive_timeout >= 0:  # NaN fails too
+            raise ValueError(f"receive_timeout must be 0 (no limit) or positive, got {self.receive_timeout}")
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,9 +65,14 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=float, default=float(env("DRAGOMAN_GRACE_PERIOD", d.grace_period)),
                    help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are "
                         "cancelled (env DRAGOMAN_GRACE_PERIOD; default %(default)g)")
+    p.add_argument("--receive-timeout", type=float, default=float(env("DRAGOMAN_RECEIVE_TIMEOUT", d.receive_timeout)),
+                   help="seconds a call may send nothing before its audio has ended; it then fails with "
+                        "DEADLINE_EXCEEDED, freeing its stream. 0: no limit (env DRAGOMAN_RECEIVE_TIMEOUT; "
+                        "default %(default)g)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, max_concurrent_streams=args.max_concurrent_streams,
                         max_audio_seconds=args.max_audio_seconds, max_upload_bytes=args.max_upload_bytes,
-                        default_mode=args.default_mode, grace_period=args.grace_period, model_id=args.model)
+                        default_mode=args.default_mode, grace_period=args.grace_period, receive_timeout=args.receive_timeout,
+                        model_id=args.model)

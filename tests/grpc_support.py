@@ -76,7 +76,8 @@ def seconds(d) -> float:
 
 
 def error_details(err: grpc.RpcError) -> dict:
-    """The google.rpc details of a failed call, by kind: {"bad_request": BadRequest, "retry": RetryInfo}."""
+    """The google.rpc details of a failed call, by kind: {"bad_request": BadRequest, "retry": RetryInfo,
+    "info": ErrorInfo}."""
     status = rpc_status.from_call(err)
     assert status is not None, f"no google.rpc.Status in the trailers of {err.code()}: {err.details()}"
     assert status.code == err.code().value[0]
@@ -88,6 +89,9 @@ def error_details(err: grpc.RpcError) -> dict:
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             out["retry"] = error_details_pb2.RetryInfo()
             detail.Unpack(out["retry"])
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            out["info"] = error_details_pb2.ErrorInfo()
+            detail.Unpack(out["info"])
     return out
 
 

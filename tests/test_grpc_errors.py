@@ -25,8 +25,9 @@ def server(tiny_engine):
 
 @pytest.fixture(scope="module")
 def tight(tiny_engine):
-    """A server with small limits: one call at a time, 2 s of audio, 40 kB per call."""
-    srv = start_server(tiny_engine, max_concurrent_streams=1, max_audio_seconds=2.0, max_upload_bytes=40_000)
+    """A server with small limits: one call at a time, 2 s of audio, 40 kB per call, 1 s without a message."""
+    srv = start_server(tiny_engine, max_concurrent_streams=1, max_audio_seconds=2.0, max_upload_bytes=40_000,
+                       receive_timeout=1.0)
     yield srv
     srv.stop()
 
@@ -105,6 +106,7 @@ def test_unknown_model(server, wav):
     description = invalid(fails(stub(server.port), requests("translate", config(model="whisper-2"), wav)),
                           "config.model")
     assert "whisper-2" in description and "whisper-1" in description
+    assert repr(server.servicer.model_id.rsplit("/", 1)[-1]) in description
 
 
 def test_audio_before_config(server, wav):
@@ -173,11 +175,64 @@ def test_pcm_cut_inside_a_frame(server):
 
 
 def test_upload_larger_than_allowed(tight):
+    """INVALID_ARGUMENT on the audio, told apart from other bad audio by its ErrorInfo reason."""
     data = encode(tone(1.5), 16000, "wav", "pcm_s16le")  # 48 kB
-    assert "40000 bytes" in invalid(fails(stub(tight.port), requests("translate", config(), data)), "audio")
+    err = fails(stub(tight.port), requests("translate", config(), data))
+    assert "40000 bytes" in invalid(err, "audio")
+    assert (error_details(err)["info"].reason, error_details(err)["info"].domain) == ("AUDIO_TOO_LARGE", "dragoman.v1")
     pcm_data = pcm(tone(1.5), "s16le")
-    invalid(fails(stub(tight.port), requests("translate", config(encoding=S16, sample_rate_hertz=16000), pcm_data)),
-            "audio")
+    err = fails(stub(tight.port), requests("translate", config(encoding=S16, sample_rate_hertz=16000), pcm_data))
+    invalid(err, "audio")
+    assert error_details(err)["info"].reason == "AUDIO_TOO_LARGE"
+    garbage = b"not audio " * 100  # bad audio, but not too large
+    assert "info" not in error_details(fails(stub(tight.port), requests("translate", config(), garbage)))
+    wait_idle(tight)
+
+
+def stalled(messages: list, release: threading.Event):
+    """The messages, then nothing until `release` (a client that stopped sending), then a half-close."""
+    yield from messages
+    release.wait(30)
+
+
+@pytest.mark.parametrize("where", ["before_config", "after_config", "mid_file", "mid_pcm"])
+def test_a_stalled_call_times_out_and_frees_its_stream(tight, wav, where):
+    """A call that sends nothing for the receive timeout fails with DEADLINE_EXCEEDED (AUDIO_TIMEOUT),
+    and its stream is free again: at one stream, the next call is served."""
+    TR = pb.TranslateRequest
+    pcm_config = config(encoding=S16, sample_rate_hertz=16000)
+    messages = {"before_config": [], "after_config": [TR(config=config())],
+                "mid_file": [TR(config=config()), TR(audio=wav[:4000])],
+                "mid_pcm": [TR(config=pcm_config), TR(audio=pcm(tone(0.5), "s16le"))]}[where]
+    release = threading.Event()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(tight.port).Translate(stalled(messages, release), timeout=60))
+    finally:
+        release.set()
+    err = info.value
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
+    assert error_details(err)["info"].reason == "AUDIO_TIMEOUT" and "1 s" in err.details()
+    assert 0.9 < time.monotonic() - t0 < 20
+    wait_idle(tight)
+    assert call(stub(tight.port), "translate", config(), wav).summary is not None
+
+
+def test_a_slow_but_steady_upload_is_served(tight):
+    """The timeout is between messages, not on the whole upload: a PCM stream that takes longer
+    than it in all, a message at a time, is served."""
+    data = pcm(tone(1.0), "s16le")
+
+    def slow():
+        yield pb.TranslateRequest(config=config(encoding=S16, sample_rate_hertz=16000))
+        for i in range(0, len(data), 8000):
+            time.sleep(0.3)
+            yield pb.TranslateRequest(audio=data[i : i + 8000])
+
+    t0 = time.monotonic()
+    responses = list(stub(tight.port).Translate(slow(), timeout=120))
+    assert time.monotonic() - t0 > 1.0 and responses[-1].WhichOneof("event") == "summary"
     wait_idle(tight)
 
 

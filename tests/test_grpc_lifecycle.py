@@ -199,3 +199,21 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_flags_take_their_environment_twins(monkeypatch):
+    import argparse
+
+    from service.settings import ServerConfig, add_server_arguments, config_from_args
+
+    monkeypatch.setenv("DRAGOMAN_RECEIVE_TIMEOUT", "5")
+    monkeypatch.setenv("DRAGOMAN_GRACE_PERIOD", "7")
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    parser.add_argument("--model")
+    assert (config_from_args(parser.parse_args([])).receive_timeout,
+            config_from_args(parser.parse_args([])).grace_period) == (5.0, 7.0)
+    assert config_from_args(parser.parse_args(["--receive-timeout", "0"])).receive_timeout == 0.0  # no limit
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="receive_timeout must be 0 .no limit. or positive"):
+            ServerConfig(receive_timeout=bad)

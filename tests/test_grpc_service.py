@@ -71,7 +71,10 @@ def test_translate_with_deltas_and_options(client, wav, tiny_engine):
 
 
 def test_model_names(client, wav, server, tiny_engine):
-    for name in ("", "whisper-1", server.servicer.model_id, tiny_engine.name):
+    """The served id, its last part (as the HTTP API also takes it), the alias, or nothing."""
+    short = server.servicer.model_id.rsplit("/", 1)[-1]
+    assert short != server.servicer.model_id
+    for name in ("", "whisper-1", server.servicer.model_id, short, tiny_engine.name):
         check_result(call(client, "translate", config(model=name), wav), 3.0)
 
 

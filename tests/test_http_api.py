@@ -513,3 +513,61 @@ def test_service_down_and_deadline(servers):
     slow = create_app(Config(grpc_target=servers.grpc_target, request_timeout=0.001)).test_client()
     resp = slow.post("/v1/audio/translations", data={"model": "whisper-1", "file": (io.BytesIO(WAV), "a.wav")})
     assert resp.status_code == 504 and resp.get_json()["error"]["code"] == "timeout"
+
+
+class StallingBody(io.BytesIO):
+    """A request body that stops for `pause` seconds once `at` bytes have been read: a client
+    whose upload stalls."""
+
+    def __init__(self, body: bytes, at: int, pause: float):
+        super().__init__(body)
+        self.at, self.pause = at, pause
+
+    def read(self, size: int | None = -1) -> bytes:
+        pos = self.tell()
+        if pos == self.at:
+            time.sleep(self.pause)
+            self.at = -1
+        elif pos < self.at and (size is None or size < 0 or pos + size > self.at):
+            size = self.at - pos
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def test_service_limits_over_http(tiny_engine):
+    """The service's own limits, below the shim's, answered with HTTP's statuses for them: a file
+    over its upload limit is a 413, an upload that stalls past its receive timeout a 408; the
+    service serves the next request."""
+    from grpc_support import start_server
+    from http_shim import Config, create_app
+
+    srv = start_server(tiny_engine, max_upload_bytes=60_000, receive_timeout=1.0)
+    try:
+        app = create_app(Config(grpc_target=f"127.0.0.1:{srv.port}")).test_client()
+        fields = {"model": "whisper-1", **{k: str(v) for k, v in FAST.items()}}
+        resp = app.post("/v1/audio/translations", data={**fields, "file": (io.BytesIO(make_audio(3.0)), "a.wav")})
+        assert resp.status_code == 413, resp.get_data(as_text=True)
+        error = resp.get_json()["error"]
+        assert (error["param"], error["code"]) == ("file", "file_too_large") and "60000 bytes" in error["message"]
+
+        small = make_audio(1.0)
+        boundary = "stallboundary"
+        head = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                       for k, v in fields.items())
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        body = head.encode() + small + f"\r\n--{boundary}--\r\n".encode()
+        # The fields and the file's first bytes arrive (the call to the service starts), then nothing for 2 s.
+        stalled = StallingBody(body, len(head) + 1000, pause=2.0)
+        resp = app.post("/v1/audio/translations", input_stream=stalled,
+                        content_length=len(body), content_type=f"multipart/form-data; boundary={boundary}")
+        assert resp.status_code == 408, resp.get_data(as_text=True)
+        assert resp.get_json()["error"]["code"] == "request_timeout"
+
+        resp = app.post("/v1/audio/translations", data={**fields, "file": (io.BytesIO(small), "a.wav")})
+        assert resp.status_code == 200 and resp.get_json()["text"]
+    finally:
+        srv.stop()

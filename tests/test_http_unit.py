@@ -514,6 +514,10 @@ def _retry(seconds):
     return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=500_000_000))
 
 
+def _info(reason, domain="dragoman.v1"):
+    return error_details_pb2.ErrorInfo(reason=reason, domain=domain)
+
+
 @pytest.mark.parametrize("code,details,status,param,retry_after", [
     (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.language")], 400, "language", None),
     (grpc.StatusCode.INVALID_ARGUMENT, [_violation("config.max_new_tokens")], 400, "max_completion_tokens", None),
@@ -527,6 +531,10 @@ def _retry(seconds):
     (grpc.StatusCode.RESOURCE_EXHAUSTED, [_retry(2)], 429, None, "3"),
     (grpc.StatusCode.UNAVAILABLE, [_retry(0)], 503, None, "1"),
     (grpc.StatusCode.DEADLINE_EXCEEDED, [], 504, None, None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("audio"), _info("AUDIO_TOO_LARGE")], 413, "file", None),
+    (grpc.StatusCode.INVALID_ARGUMENT, [_violation("audio"), _info("AUDIO_TOO_LARGE", "example.com")], 400, "file",
+     None),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, [_info("AUDIO_TIMEOUT")], 408, None, None),
     (grpc.StatusCode.INTERNAL, [], 500, None, None),
 ])
 def test_grpc_errors_to_http(code, details, status, param, retry_after):
