@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio import multipart as mp
 
@@ -138,21 +141,34 @@ def _format(p: Params, name: str, value: str) -> None:
     p.response_format = v
 
 
+# Numbers as JSON writes them (and OpenAI's SDKs send them), in ASCII digits: Python's float()
+# and int() also take "1_000", " ١٢ " or "infinity", which no client means to send.
+DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
 def _float(lo: float, hi: float, lo_open: bool = False):
+    """A number in [lo, hi] (or (lo, hi]), as the service's 32-bit float field takes it."""
     def setter(p: Params, name: str, value: str) -> None:
         if value.strip() == "":
             setattr(p, name, None)
             return
-        try:
-            v = float(value)
-        except ValueError:
+        if not DECIMAL.fullmatch(value.strip()):
             raise bad_request(f"Invalid type for '{name}': expected a number, but got a string ('{value}')",
-                              name, "invalid_type") from None
+                              name, "invalid_type")
+        v = float(value)
+        left = "(" if lo_open else "["
         if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-            left = "(" if lo_open else "["
-            raise bad_request(f"Invalid '{name}': {value} is not in {left}{lo:g}, {hi:g}]", name)
+            raise bad_request(f"Invalid '{name}': {value.strip()} is not in {left}{lo:g}, {hi:g}]", name)
+        if lo_open and _float32(v) == lo:  # 1e-50 for (0, 10]: within the range, but not once sent
+            raise bad_request(f"Invalid '{name}': {value.strip()} rounds to {lo:g} as the 32-bit float it is sent as; "
+                              f"give a value in {left}{lo:g}, {hi:g}]", name)
         setattr(p, name, v)
     return setter
+
+
+def _float32(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", v))[0]
 
 
 def _int(lo: int, hi: int, attr: str | None = None):
@@ -161,11 +177,10 @@ def _int(lo: int, hi: int, attr: str | None = None):
         if value.strip() == "":
             setattr(p, target, None)
             return
-        try:
-            v = int(value.strip())
-        except ValueError:
+        if not INTEGER.fullmatch(value.strip()):
             raise bad_request(f"Invalid type for '{name}': expected an integer, but got a string ('{value}')",
-                              name, "invalid_type") from None
+                              name, "invalid_type")
+        v = int(value)
         if not lo <= v <= hi:
             raise bad_request(f"Invalid '{name}': {v} is not in [{lo}, {hi}]", name)
         setattr(p, target, v)
@@ -309,9 +324,8 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
         except ValueError as e:
             raise APIError(400, f"The multipart/form-data body could not be parsed: {e}",
                            code="invalid_multipart") from None
-        except Exception as e:  # RequestEntityTooLarge from max_parts
-            raise APIError(400, f"The multipart/form-data body could not be parsed: {e}",
-                           code="invalid_multipart") from None
+        except RequestEntityTooLarge:
+            raise APIError(413, f"The form has more than {MAX_PARTS} parts", code="too_many_parts") from None
         if isinstance(event, mp.NeedData):
             try:
                 data = stream.read(READ_SIZE)

@@ -216,6 +216,42 @@ def test_params_checks():
         t.set_field("to_language", "fr")
 
 
+@pytest.mark.parametrize("name,value", [
+    ("temperature", "0_5"), ("temperature", "٠.٥"), ("temperature", "infinity"), ("temperature", "0x1"),
+    ("seed", "1_000"), ("seed", "１２"), ("seed", "٣"), ("max_completion_tokens", "1e2"), ("beam_size", "0b11"),
+])
+def test_numbers_are_plain_ascii_decimals(name, value):
+    """What Python's float() and int() also read, but no client means to send, is refused."""
+    with pytest.raises(APIError) as e:
+        Params("translate").set_field(name, value)
+    assert (e.value.status, e.value.code) == (400, "invalid_type") and value in e.value.message
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("temperature", " .5 ", 0.5), ("temperature", "2e-1", 0.2), ("temperature", "+0", 0.0), ("seed", "-7", -7),
+    ("temperature", "1e-50", 1e-50),  # sent as 0, which temperature takes
+    ("repetition_penalty", "1e-44", 1e-44),  # a 32-bit float still, though subnormal
+])
+def test_numbers_clients_send(name, value, expected):
+    p = Params("translate")
+    p.set_field(name, value)
+    assert getattr(p, name) == expected
+
+
+@pytest.mark.parametrize("name", ["repetition_penalty", "patience"])
+def test_a_positive_number_that_rounds_to_zero_is_named(name):
+    with pytest.raises(APIError) as e:
+        Params("translate").set_field(name, "1e-50")
+    assert e.value.param == name and "1e-50 rounds to 0 as the 32-bit float" in e.value.message
+
+
+def test_too_many_form_parts(client):
+    resp = post(client, "/v1/audio/transcriptions", [(f"x{i}", "1") for i in range(300)] + [("file", ("a.wav", AUDIO))])
+    error = error_of(resp, 413)
+    assert error["code"] == "too_many_parts" and "200 parts" in error["message"]
+    assert post(client, "/v1/audio/transcriptions", [("file", ("a.wav", AUDIO))]).status_code == 200
+
+
 BEAM_REQUESTS = [  # form fields -> (beam_size, the form field it came from) as the service gets them
     ({}, (None, "beam_size")),
     ({"beam_size": "4"}, (4, "beam_size")),
