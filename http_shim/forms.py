@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("word", "segment")
-READ_SIZE = 64 * 1024  # bytes read from the request at a time
+READ_SIZE = 16 * 1024  # bytes read from the request at a time (gunicorn waits until it has them all)
 CHUNK_SIZE = 256 * 1024  # bytes of audio per message to the service
+FLUSH_SECONDS = 1.0  # the longest the file's bytes wait for a chunk to fill
 MAX_FIELD_BYTES = 256 * 1024  # a text field (the prompt is the longest)
 MAX_PARTS = 200
 
@@ -145,26 +147,33 @@ def _format(p: Params, name: str, value: str) -> None:
 # and int() also take "1_000", " ١٢ " or "infinity", which no client means to send.
 DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+ASCII_SPACE = " \t\r\n"
 
 
 def _float(lo: float, hi: float, lo_open: bool = False):
     """A number in [lo, hi] (or (lo, hi]), as the service's 32-bit float field takes it."""
     def setter(p: Params, name: str, value: str) -> None:
-        if value.strip() == "":
+        text = value.strip(ASCII_SPACE)
+        if text == "":
             setattr(p, name, None)
             return
-        if not DECIMAL.fullmatch(value.strip()):
-            raise bad_request(f"Invalid type for '{name}': expected a number, but got a string ('{value}')",
+        if not DECIMAL.fullmatch(text):
+            raise bad_request(f"Invalid type for '{name}': expected a number, but got a string ('{_shown(value)}')",
                               name, "invalid_type")
-        v = float(value)
+        v = float(text)
         left = "(" if lo_open else "["
         if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-            raise bad_request(f"Invalid '{name}': {value.strip()} is not in {left}{lo:g}, {hi:g}]", name)
+            raise bad_request(f"Invalid '{name}': {_shown(text)} is not in {left}{lo:g}, {hi:g}]", name)
         if lo_open and _float32(v) == lo:  # 1e-50 for (0, 10]: within the range, but not once sent
-            raise bad_request(f"Invalid '{name}': {value.strip()} rounds to {lo:g} as the 32-bit float it is sent as; "
+            raise bad_request(f"Invalid '{name}': {text} rounds to {lo:g} as the 32-bit float it is sent as; "
                               f"give a value in {left}{lo:g}, {hi:g}]", name)
         setattr(p, name, v)
     return setter
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A field's value as an error message quotes it: whole, or its start (fields may be 256 KiB)."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def _float32(v: float) -> float:
@@ -174,15 +183,18 @@ def _float32(v: float) -> float:
 def _int(lo: int, hi: int, attr: str | None = None):
     def setter(p: Params, name: str, value: str) -> None:
         target = attr or name
-        if value.strip() == "":
+        text = value.strip(ASCII_SPACE)
+        if text == "":
             setattr(p, target, None)
             return
-        if not INTEGER.fullmatch(value.strip()):
-            raise bad_request(f"Invalid type for '{name}': expected an integer, but got a string ('{value}')",
+        if not INTEGER.fullmatch(text):
+            raise bad_request(f"Invalid type for '{name}': expected an integer, but got a string ('{_shown(value)}')",
                               name, "invalid_type")
-        v = int(value)
-        if not lo <= v <= hi:
-            raise bad_request(f"Invalid '{name}': {v} is not in [{lo}, {hi}]", name)
+        # Out of range at once past 40 digits: int() refuses strings of over 4300 (a ValueError).
+        too_long = len(text.lstrip("+-").lstrip("0")) > 40
+        v = None if too_long else int(text)
+        if v is None or not lo <= v <= hi:
+            raise bad_request(f"Invalid '{name}': {_shown(text)} is not in [{lo}, {hi}]", name)
         setattr(p, target, v)
     return setter
 
@@ -316,6 +328,7 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
     part: mp.Field | mp.File | None = None
     value = bytearray()
     pending = bytearray()
+    flushed = time.monotonic()
     size = 0
     done = False
     while not done:
@@ -363,9 +376,13 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
                     raise APIError(413, f"The file is larger than the {_human(max_file_bytes)} allowed",
                                    param=file_field, code="file_too_large")
                 pending.extend(event.data)
-                if len(pending) >= CHUNK_SIZE or (not event.more_data and pending):
+                # On at CHUNK_SIZE, or after FLUSH_SECONDS: a slow upload must not leave the call
+                # to the service without a message for its receive timeout.
+                if len(pending) >= CHUNK_SIZE or (pending and (not event.more_data
+                                                               or time.monotonic() - flushed > FLUSH_SECONDS)):
                     yield FileData(bytes(pending))
                     pending.clear()
+                    flushed = time.monotonic()
                 if not event.more_data:
                     yield FileEnd(size)
         elif isinstance(event, mp.Epilogue):

@@ -93,7 +93,9 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
         if param and violations:
             text = f"Invalid '{param}': {text}"
         if AUDIO_TOO_LARGE in reasons:
-            return APIError(413, text, param="file", code="file_too_large")
+            return APIError(413, f"The file is too large for the speech service ({violations[0].description})"
+                            if violations else "The file is too large for the speech service",
+                            param="file", code="file_too_large")
         if param == "model":
             return APIError(404, f"The model does not exist or you do not have access to it: {text}",
                             param="model", code="model_not_found")
@@ -109,7 +111,8 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
         return APIError(503, f"The speech service is not available: {message}", code="service_unavailable",
                         retry_after=retry)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and AUDIO_TIMEOUT in reasons:
-        return APIError(408, f"The upload stalled: {message}", code="request_timeout")
+        return APIError(408, "The upload stalled: the speech service received nothing for longer than its receive "
+                             "timeout", code="request_timeout")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, "The request took longer than the server's request timeout", code="timeout")
     if code == grpc.StatusCode.CANCELLED:

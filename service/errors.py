@@ -69,10 +69,10 @@ def unavailable(message: str, retry_after: float = RETRY_AFTER_SECONDS) -> Servi
 
 
 def audio_timeout(seconds: float) -> ServiceError:
-    """DEADLINE_EXCEEDED (AUDIO_TIMEOUT): the client sent nothing for `seconds` mid-call."""
+    """DEADLINE_EXCEEDED (AUDIO_TIMEOUT): the client sent nothing for `seconds` while the call waited on it."""
     return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"no message came for {seconds:g} s while the audio was still expected; send the audio as it "
-                        "comes and half-close the call when it ends", [error_info(AUDIO_TIMEOUT)])
+                        f"the client sent nothing for {seconds:g} s (the server's receive timeout) while the call "
+                        "waited on it", [error_info(AUDIO_TIMEOUT)])
 
 
 def internal(message: str) -> ServiceError:

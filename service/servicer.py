@@ -79,10 +79,15 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             await context.abort_with_status(errors.unavailable("the model is still loading").status())
         languages = [pb.Language(code=code, name=LANGUAGES.get(code, code)) for code in self.engine.languages]
         multilingual = bool(self.engine.tokenizer.is_multilingual)
-        model = pb.Model(id=self.model_id, aliases=list(self.config.aliases),
+        model = pb.Model(id=self.model_id, aliases=self.model_names()[1:],
                          languages=languages if multilingual else [pb.Language(code="en", name="english")],
                          multilingual=multilingual)
         return pb.ListModelsResponse(models=[model])
+
+    def model_names(self) -> list[str]:
+        """What Config.model may name the served model by: its id, then its aliases (the id's last
+        part and the configured ones)."""
+        return list(dict.fromkeys([self.model_id, short_name(self.model_id), *self.config.aliases]))
 
     # ---- one streaming call --------------------------------------------------------------
 
@@ -126,6 +131,10 @@ class _Call:
         self.receiver: asyncio.Task | None = None
         self.input_error: ServiceError | None = None
         self.started = time.perf_counter()
+        # Whether the call waits on its client: until the engine starts on the audio, and then
+        # whenever it has done all it can with the audio so far (the engine's on_waiting). Only
+        # then does the receive timeout run: a client may wait for results before it sends more.
+        self.waiting_on_client = True
 
     def stop(self) -> None:
         self.cancel.set()
@@ -157,9 +166,13 @@ class _Call:
         def on_segment(segment: EngineSegment) -> None:
             loop.call_soon_threadsafe(self.events.put_nowait, ("segment", segment))
 
+        def on_waiting(waiting: bool) -> None:
+            self.waiting_on_client = waiting
+
         def transcribe():  # never raises: its exception is the result, so asyncio does not translate it
             try:
-                return self.engine.transcribe(audio, options, on_segment=on_segment, cancel=self.cancel), None
+                return self.engine.transcribe(audio, options, on_segment=on_segment, on_waiting=on_waiting,
+                                              cancel=self.cancel), None
             except BaseException as e:
                 return None, e
 
@@ -188,8 +201,7 @@ class _Call:
     # -- the Config
 
     def _options(self, c: pb.Config) -> tuple[TranscribeOptions, PcmStream | None]:
-        model_id = self.servicer.model_id
-        names = list(dict.fromkeys([model_id, short_name(model_id), *self.config.aliases]))
+        names = self.servicer.model_names()
         if c.model not in {"", self.engine.name, *names}:
             raise invalid_argument("config.model", f"model {c.model!r} is not served here; use "
                                    f"{', '.join(map(repr, names))}, or leave it empty")
@@ -252,12 +264,27 @@ class _Call:
     # -- the audio
 
     async def _next_message(self):
-        """The call's next request message; None once the client half-closes."""
-        timeout = self.config.receive_timeout or None
+        """The call's next request message; None once the client half-closes. The call fails
+        (DEADLINE_EXCEEDED, AUDIO_TIMEOUT) when none comes for the receive timeout while the call
+        waits on its client; time the engine spends on the audio received so far does not count."""
+        limit = self.config.receive_timeout
+        if not limit:
+            return await anext(self.requests, None)
+        loop = asyncio.get_running_loop()
+        read = asyncio.ensure_future(anext(self.requests, None))
+        idle_since = loop.time()
         try:
-            return await asyncio.wait_for(anext(self.requests, None), timeout)
-        except TimeoutError:
-            raise errors.audio_timeout(self.config.receive_timeout) from None
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=min(limit / 4, 1.0))
+                if done:
+                    return read.result()
+                if not self.waiting_on_client:
+                    idle_since = loop.time()
+                elif loop.time() - idle_since >= limit:
+                    log.info("%s: the client sent nothing for %g s; ending the call", self.task, limit)
+                    raise errors.audio_timeout(limit)
+        finally:
+            read.cancel()  # a no-op once it is done
 
     def _check_message(self, message, received: int) -> bytes:
         payload = message.WhichOneof("payload")

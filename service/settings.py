@@ -9,7 +9,6 @@ from .engine import MODES
 from .model_names import WHISPER_ALIAS
 
 
-
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -19,9 +18,9 @@ class ServerConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # audio bytes per call
     default_mode: str = "batched"  # long-form mode when the request leaves it unspecified
     grace_period: float = 30.0  # seconds in-flight calls get to finish on SIGTERM/SIGINT
-    # Seconds a call may go without a request message before its audio has ended (0: no limit):
-    # a stalled client would otherwise hold one of the concurrent streams for as long as its
-    # connection stays open.
+    # Seconds a call may wait on its client for a request message (0: no limit): a stalled client
+    # would otherwise hold one of the concurrent streams for as long as its connection stays
+    # open. Time the engine spends on the audio received so far does not count.
     receive_timeout: float = 60.0
     model_id: str | None = None  # the served model's id; None: the engine's name
     aliases: tuple[str, ...] = (WHISPER_ALIAS,)
@@ -66,9 +65,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are "
                         "cancelled (env DRAGOMAN_GRACE_PERIOD; default %(default)g)")
     p.add_argument("--receive-timeout", type=float, default=float(env("DRAGOMAN_RECEIVE_TIMEOUT", d.receive_timeout)),
-                   help="seconds a call may send nothing before its audio has ended; it then fails with "
-                        "DEADLINE_EXCEEDED, freeing its stream. 0: no limit (env DRAGOMAN_RECEIVE_TIMEOUT; "
-                        "default %(default)g)")
+                   help="seconds a call may wait on its client for the next message (time spent decoding the "
+                        "audio received so far does not count); it then fails with DEADLINE_EXCEEDED, freeing "
+                        "its stream. 0: no limit (env DRAGOMAN_RECEIVE_TIMEOUT; default %(default)g)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

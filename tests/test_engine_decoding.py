@@ -158,6 +158,47 @@ def test_audio_given_in_pieces_equals_audio_given_whole(tiny_engine):
                                                                              rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_on_waiting_tells_when_the_run_waits_on_its_audio(tiny_engine, mode):
+    """on_waiting: True while the run has done all it can with the audio read so far and waits for
+    more; False while it has work. Batched, a complete window is work until its segments are out."""
+    audio = speechlike(40.0, seed=8)
+    events = []
+    more = threading.Event()
+
+    def on_waiting(waiting):
+        events.append(("waiting", waiting))
+        if waiting and any(kind == "segment" for kind, _ in events):
+            more.set()
+
+    def pieces():
+        yield audio[: 35 * 16000]  # one complete window, and 5 s of the next
+        if mode == "batched":
+            assert more.wait(60), "the run never waited for more audio after the first window's segments"
+        yield audio[35 * 16000 :]
+
+    tiny_engine.transcribe(pieces(), TranscribeOptions(language="en", temperatures=(0.0,), max_new_tokens=16,
+                                                       mode=mode),
+                           on_segment=lambda s: events.append(("segment", s.end)), on_waiting=on_waiting)
+    kinds = [kind if kind == "segment" else waiting for kind, waiting in events]
+    if mode == "batched":  # waits for the first piece, has work, waits after the first window's segments, ...
+        first_segment = kinds.index("segment")
+        assert kinds[:2] == [True, False] and True not in kinds[2:first_segment]
+        states = [k for k in kinds if k != "segment"]
+        assert kinds[first_segment:].index(True) > 0 and states[-1] is False
+    else:  # reads all the audio first (two pieces, then the end), then decodes it all
+        assert kinds[:6] == [True, False] * 3 and set(kinds[6:]) == {"segment"}
+
+
+def test_extreme_repetition_penalties_give_finite_results(tiny_engine):
+    """The range's ends: a penalty of 1e-44 makes seen tokens' logits overflow unless kept finite."""
+    m = mel(tiny_engine, 4)
+    for penalty in (1e-44, 10.0):
+        r, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,), repetition_penalty=penalty,
+                                                       max_new_tokens=24))
+        assert r.tokens and np.isfinite(r.avg_logprob), (penalty, r.avg_logprob)
+
+
 def test_segments_are_handed_out_in_order_as_they_finish(tiny_engine):
     seen = []
     result = tiny_engine.transcribe(speechlike(65.0, seed=6), TranscribeOptions(language="en", temperatures=(0.0,)),

@@ -25,9 +25,16 @@ def server(tiny_engine):
 
 @pytest.fixture(scope="module")
 def tight(tiny_engine):
-    """A server with small limits: one call at a time, 2 s of audio, 40 kB per call, 1 s without a message."""
-    srv = start_server(tiny_engine, max_concurrent_streams=1, max_audio_seconds=2.0, max_upload_bytes=40_000,
-                       receive_timeout=1.0)
+    """A server with small limits: one call at a time, 2 s of audio, 40 kB per call."""
+    srv = start_server(tiny_engine, max_concurrent_streams=1, max_audio_seconds=2.0, max_upload_bytes=40_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_engine):
+    """A server that waits 1 s for a client's next message, one call at a time."""
+    srv = start_server(tiny_engine, max_concurrent_streams=1, receive_timeout=1.0)
     yield srv
     srv.stop()
 
@@ -196,7 +203,7 @@ def stalled(messages: list, release: threading.Event):
 
 
 @pytest.mark.parametrize("where", ["before_config", "after_config", "mid_file", "mid_pcm"])
-def test_a_stalled_call_times_out_and_frees_its_stream(tight, wav, where):
+def test_a_stalled_call_times_out_and_frees_its_stream(impatient, wav, where):
     """A call that sends nothing for the receive timeout fails with DEADLINE_EXCEEDED (AUDIO_TIMEOUT),
     and its stream is free again: at one stream, the next call is served."""
     TR = pb.TranslateRequest
@@ -208,18 +215,18 @@ def test_a_stalled_call_times_out_and_frees_its_stream(tight, wav, where):
     t0 = time.monotonic()
     try:
         with pytest.raises(grpc.RpcError) as info:
-            list(stub(tight.port).Translate(stalled(messages, release), timeout=60))
+            list(stub(impatient.port).Translate(stalled(messages, release), timeout=60))
     finally:
         release.set()
     err = info.value
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
-    assert error_details(err)["info"].reason == "AUDIO_TIMEOUT" and "1 s" in err.details()
+    assert error_details(err)["info"].reason == "AUDIO_TIMEOUT" and "nothing for 1 s" in err.details()
     assert 0.9 < time.monotonic() - t0 < 20
-    wait_idle(tight)
-    assert call(stub(tight.port), "translate", config(), wav).summary is not None
+    wait_idle(impatient)
+    assert call(stub(impatient.port), "translate", config(), wav).summary is not None
 
 
-def test_a_slow_but_steady_upload_is_served(tight):
+def test_a_slow_but_steady_upload_is_served(impatient):
     """The timeout is between messages, not on the whole upload: a PCM stream that takes longer
     than it in all, a message at a time, is served."""
     data = pcm(tone(1.0), "s16le")
@@ -231,9 +238,9 @@ def test_a_slow_but_steady_upload_is_served(tight):
             yield pb.TranslateRequest(audio=data[i : i + 8000])
 
     t0 = time.monotonic()
-    responses = list(stub(tight.port).Translate(slow(), timeout=120))
+    responses = list(stub(impatient.port).Translate(slow(), timeout=120))
     assert time.monotonic() - t0 > 1.0 and responses[-1].WhichOneof("event") == "summary"
-    wait_idle(tight)
+    wait_idle(impatient)
 
 
 def test_audio_longer_than_allowed(tight):
@@ -244,6 +251,53 @@ def test_audio_longer_than_allowed(tight):
     assert "2 s" in invalid(fails(stub(tight.port), requests("translate", config(encoding=S16, sample_rate_hertz=8000),
                                                               pcm_data)), "audio")
     wait_idle(tight)
+
+
+def test_a_client_may_wait_for_results_longer_than_the_timeout(tiny_engine):
+    """The receive timeout counts only while the call waits on its client: a PCM client that holds
+    back the rest of its audio until the first window's segments come is served, however long
+    their decoding takes (here longer than the timeout)."""
+    srv = start_server(tiny_engine, receive_timeout=0.2)
+    try:
+        data = pcm(tone(40.0, seed=3), "s16le")
+        first = threading.Event()
+        times = {}
+
+        def upload():
+            yield pb.TranslateRequest(config=config(encoding=S16, sample_rate_hertz=16000, temperature=1.0,
+                                                    max_new_tokens=200))  # slow enough to outlast the timeout
+            half = 2 * 16000 * 35  # one window is complete, the next is not
+            for i in range(0, half, 64 * 1024):
+                yield pb.TranslateRequest(audio=data[i : min(i + 64 * 1024, half)])
+            times["sent"] = time.monotonic()
+            first.wait(60)
+            times["segment"] = time.monotonic()
+            yield pb.TranslateRequest(audio=data[half:])
+
+        responses = []
+        for r in stub(srv.port).Translate(upload(), timeout=120):
+            responses.append(r)
+            if r.WhichOneof("event") == "segment":
+                first.set()
+        assert responses[-1].WhichOneof("event") == "summary"
+        assert times["segment"] - times["sent"] > 0.3, "decoding was quicker than the timeout: nothing tested"
+    finally:
+        srv.stop()
+
+
+def test_no_receive_timeout(tiny_engine, wav):
+    """receive_timeout=0: a call may wait on its client for as long as it likes."""
+    srv = start_server(tiny_engine, receive_timeout=0)
+    try:
+        def upload():
+            yield pb.TranslateRequest(config=config())
+            time.sleep(1.5)
+            yield pb.TranslateRequest(audio=wav)
+
+        responses = list(stub(srv.port).Translate(upload(), timeout=60))
+        assert responses[-1].WhichOneof("event") == "summary"
+    finally:
+        srv.stop()
 
 
 def test_too_many_streams(tight, wav):

@@ -83,7 +83,7 @@ def test_list_models(client, server, tiny_engine):
     assert len(models) == 1
     m = models[0]
     assert m.id == server.servicer.model_id == tiny_engine.name
-    assert list(m.aliases) == ["whisper-1"]
+    assert list(m.aliases) == [m.id.rsplit("/", 1)[-1], "whisper-1"]  # every name Config.model takes
     assert m.multilingual is True
     assert [lang.code for lang in m.languages] == list(tiny_engine.languages)
     assert {lang.code: lang.name for lang in m.languages}["it"] == "italian"

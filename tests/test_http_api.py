@@ -165,7 +165,8 @@ def test_health_and_models(servers):
     assert health.status_code == 200 and health.json()["status"] == "SERVING"
     models = servers.client().models.list()
     ids = [m.id for m in models.data]
-    assert servers.model_dir in ids and "whisper-1" in ids
+    assert servers.model_dir in ids and "whisper-1" in ids and servers.model_dir.rsplit("/", 1)[-1] in ids
+    assert len(ids) == len(set(ids))
     assert all(m.object == "model" for m in models.data)
     assert servers.client().models.retrieve("whisper-1").id == "whisper-1"
 
@@ -553,6 +554,7 @@ def test_service_limits_over_http(tiny_engine):
         assert resp.status_code == 413, resp.get_data(as_text=True)
         error = resp.get_json()["error"]
         assert (error["param"], error["code"]) == ("file", "file_too_large") and "60000 bytes" in error["message"]
+        assert error["message"].startswith("The file is too large")
 
         small = make_audio(1.0)
         boundary = "stallboundary"

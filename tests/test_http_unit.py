@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 from http_shim import Config, create_app
 from http_shim.backend import Delta, ModelInfo, SegmentEvent, Summary
 from http_shim.errors import APIError
-from http_shim.forms import Params
+from http_shim.forms import CHUNK_SIZE, FileData, FileEnd, Params, read_multipart
 from http_shim.render import EventStream, Result, Segment, Word, render, to_srt, to_vtt
 
 SEGMENTS = [
@@ -243,6 +243,28 @@ def test_a_positive_number_that_rounds_to_zero_is_named(name):
     with pytest.raises(APIError) as e:
         Params("translate").set_field(name, "1e-50")
     assert e.value.param == name and "1e-50 rounds to 0 as the 32-bit float" in e.value.message
+
+
+def test_a_slow_upload_goes_on_every_second(monkeypatch):
+    """The file's bytes go on to the service once a second even when far less than a chunk has
+    come, so that a slow upload does not leave the call without a message for long."""
+    import http_shim.forms as forms
+
+    clock = [0.0]
+    monkeypatch.setattr(forms, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    audio = AUDIO[:50_000]
+    body, ctype = multipart([("file", ("a.wav", audio))])
+    boundary = ctype.split("boundary=")[1].encode()
+
+    class Trickle(io.BytesIO):  # 1000 bytes a read, each 0.4 s after the last
+        def read(self, size=-1):
+            clock[0] += 0.4
+            return super().read(1000)
+
+    events = list(read_multipart(Trickle(body), boundary))
+    chunks = [e.data for e in events if isinstance(e, FileData)]
+    assert b"".join(chunks) == audio and isinstance(events[-1], FileEnd)
+    assert len(audio) < CHUNK_SIZE and len(chunks) >= len(audio) // 3000  # every 3 reads, not once at the end
 
 
 def test_too_many_form_parts(client):

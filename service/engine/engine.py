@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import jax
 import ml_dtypes
@@ -97,20 +97,24 @@ class Engine:
     def transcribe(self, audio: np.ndarray | Iterable[np.ndarray], options: TranscribeOptions = TranscribeOptions(), *,
                    on_segment: Callable[[Segment], None] | None = None,
                    on_progress: Callable[[float], None] | None = None,
+                   on_waiting: Callable[[bool], None] | None = None,
                    cancel: threading.Event | None = None) -> Transcription:
         """Transcribe (or translate) 16 kHz mono float32 audio, given whole or as an iterable of
         pieces (batched mode starts on each window as soon as its samples have arrived).
 
         on_segment gets each final segment in order as soon as it and all before it are final;
-        on_progress gets the seconds of audio done. Raises ValueError for bad options and
-        concurrent.futures.CancelledError once `cancel` is set.
+        on_progress gets the seconds of audio done; on_waiting gets True when the run has done
+        all it can with the pieces read so far and waits for the next one, and False when it
+        has work again (a server tells a stalled client from one awaiting results by it).
+        Raises ValueError for bad options and concurrent.futures.CancelledError once `cancel`
+        is set.
         """
         self.validate(options)
-        run = _Run(self, options, cancel, on_segment, on_progress)
+        run = _Run(self, options, cancel, on_segment, on_progress, on_waiting)
         if isinstance(audio, np.ndarray):
             audio = [audio.astype(np.float32, copy=False).reshape(-1)]
         if options.mode == "sequential":
-            return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in audio]))
+            return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in run.read(audio)]))
         return run.batched(audio)
 
     def validate(self, options: TranscribeOptions) -> None:
@@ -164,13 +168,22 @@ def _to_device(tree: dict | list) -> None:
 class _Run:
     """One transcription: language, prompts, windows, temperature fallback, segments."""
 
-    def __init__(self, engine: Engine, options: TranscribeOptions, cancel, on_segment, on_progress):
+    def __init__(self, engine: Engine, options: TranscribeOptions, cancel, on_segment, on_progress,
+                 on_waiting=None):
         self.engine = engine
         self.tok = engine.tokenizer
         self.options = options
         self.cancel = cancel
         self.on_segment = on_segment
         self.on_progress = on_progress
+        self.on_waiting = on_waiting
+        # What on_waiting reports: the run reads the caller's audio with no window in flight.
+        # Two threads change it (the window feeder and the collector), so under a lock, which
+        # also keeps the reports in the order of the changes.
+        self._state_lock = threading.Lock()
+        self._reading = False
+        self._windows_in_flight = 0
+        self._waiting: bool | None = None
         self.segments: list[Segment] = []
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -182,6 +195,30 @@ class _Run:
         self.last_speech_timestamp = 0.0
 
     # -- pieces shared by both modes
+
+    def read(self, audio: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The caller's audio, piece by piece, reporting while the run waits on the next piece."""
+        pieces = iter(audio)
+        while True:
+            self._update(reading=True)
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                return
+            finally:
+                self._update(reading=False)
+            yield piece
+
+    def _update(self, reading: bool | None = None, windows: int = 0) -> None:
+        """Note that the run reads (or stops reading) audio, or that `windows` more are in flight."""
+        with self._state_lock:
+            if reading is not None:
+                self._reading = reading
+            self._windows_in_flight += windows
+            waiting = self._reading and self._windows_in_flight == 0
+            if self.on_waiting is not None and waiting != self._waiting:
+                self._waiting = waiting
+                self.on_waiting(waiting)
 
     def _detect(self, window: Window) -> None:
         if self.language is None:
@@ -297,9 +334,10 @@ class _Run:
         def feed() -> None:
             try:
                 samples = 0
-                for start, end, chunk in cut_windows(audio):
+                for start, end, chunk in cut_windows(self.read(audio)):
                     if self._cancelled:
                         break
+                    self._update(windows=1)
                     padded = np.zeros((1, N_SAMPLES), np.float32)
                     padded[0, : end - start] = chunk
                     spans.append((start, end))
@@ -351,6 +389,7 @@ class _Run:
                     self.on_progress(end / SAMPLE_RATE)
                 windows[next_out] = None  # its features are not needed any more
                 next_out += 1
+                self._update(windows=-1)
         if total == 0:
             raise ValueError("the audio holds no samples")
         return self._finish(duration)

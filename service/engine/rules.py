@@ -56,9 +56,11 @@ class RowState(NamedTuple):
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
-    """Tokens already in the sequence lose likelihood: positive logits divided, negative multiplied."""
+    """Tokens already in the sequence lose likelihood: positive logits divided, negative multiplied.
+    Kept finite: a tiny penalty (1e-40) would take them past the float's range, to inf and NaN."""
     p = penalty[:, None]
-    return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+    big = jnp.finfo(logits.dtype).max
+    return jnp.where(seen, jnp.clip(jnp.where(logits > 0, logits / p, logits * p), -big, big), logits)
 
 
 def suppress_blank(logits: jax.Array, state: RowState, vocab: Vocabulary) -> jax.Array:
