@@ -107,11 +107,12 @@ test('beam search with the fallback off decodes at temperature 0 only', async ()
   }));
 });
 
-test('ListModels names the served model and its alias', async () => {
+test('ListModels names the served model and its aliases', async () => {
   const response = await new Promise((resolve, reject) =>
     client.ListModels({}, { deadline: deadline(10) }, (err, r) => (err ? reject(err) : resolve(r))));
   assert.equal(response.models.length, 1);
-  assert.deepEqual(response.models[0].aliases, ['whisper-1']);
+  const model = response.models[0];
+  assert.deepEqual(model.aliases, [model.id.split('/').pop(), 'whisper-1']);
   assert.ok(response.models[0].languages.some((l) => l.code === 'en' && l.name === 'english'));
 });
 
