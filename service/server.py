@@ -46,7 +46,21 @@ class SpeechServer:
                                            thread_name_prefix="speech-call")
         self.servicer = SpeechServicer(config, self.executor)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            # Dead peers (settings.py): a quiet connection is pinged every keepalive_time, and
+            # closed when an answer takes longer than keepalive_timeout. gRPC's core waits for
+            # the answer for ping_timeout (1 minute by default), not for keepalive_timeout.
+            ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout * 1000)),
+            # Keep pinging a connection that sends nothing (by default gRPC stops after two pings).
+            ("grpc.http2.max_pings_without_data", 0),
+            # Clients' own keepalive pings, every 10 s or more, even with no call open (by default
+            # gRPC closes a connection pinged more often than every 5 minutes).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
         speech_pb2_grpc.add_SpeechServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

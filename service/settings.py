@@ -22,6 +22,11 @@ class ServerConfig:
     # would otherwise hold one of the concurrent streams for as long as its connection stays
     # open. Time the engine spends on the audio received so far does not count.
     receive_timeout: float = 60.0
+    # HTTP/2 keepalive: a connection quiet for keepalive_time seconds is pinged, and closed (its
+    # calls cancelled, their streams freed) when no answer comes within keepalive_timeout: a
+    # client whose machine or network vanished is found even while the engine works for it.
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
     model_id: str | None = None  # the served model's id; None: the engine's name
     aliases: tuple[str, ...] = (WHISPER_ALIAS,)
 
@@ -38,6 +43,9 @@ class ServerConfig:
             raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {self.default_mode!r}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
+        if not (self.keepalive_time > 0 and self.keepalive_timeout > 0):
+            raise ValueError(f"keepalive_time and keepalive_timeout must be positive, got {self.keepalive_time} and "
+                             f"{self.keepalive_timeout}")
         if not self.receive_timeout >= 0:  # NaN fails too
             raise ValueError(f"receive_timeout must be 0 (no limit) or positive, got {self.receive_timeout}")
 

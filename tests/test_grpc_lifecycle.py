@@ -217,3 +217,75 @@ def test_server_flags_take_their_environment_twins(monkeypatch):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="receive_timeout must be 0 .no limit. or positive"):
             ServerConfig(receive_timeout=bad)
+
+
+class FreezableProxy:
+    """A TCP proxy to a local port that can stop passing bytes on, both ways, without closing
+    anything: what a client whose machine or network vanished looks like to the server."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                while self.frozen.is_set() and not self.closed.is_set():  # held, never passed on
+                    time.sleep(0.05)
+                if not data or self.closed.is_set():
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in [self.listener, *self.sockets]:
+            s.close()
+
+
+def test_a_vanished_client_is_found_by_keepalive_and_frees_its_stream(tiny_engine, wav):
+    """The server pings a quiet connection and closes it when no answer comes: the call of a
+    client that vanished (its bytes stop, its connection stays open) is cancelled, its stream
+    freed. The receive timeout is off here, so only the keepalive can find it."""
+    srv = start_server(tiny_engine, max_concurrent_streams=1, receive_timeout=0, keepalive_time=0.5,
+                       keepalive_timeout=0.5)
+    proxy = FreezableProxy(srv.port)
+    release = threading.Event()
+
+    def upload():
+        yield pb.TranslateRequest(config=config())
+        release.wait(30)
+
+    try:
+        responses = stub(proxy.port).Translate(upload(), timeout=60)
+        wait_for(lambda: srv.servicer.active == 1)
+        proxy.frozen.set()
+        wait_for(lambda: srv.servicer.active == 0, timeout=20)
+        assert call(stub(srv.port), "translate", config(), wav).summary is not None
+    finally:
+        release.set()
+        proxy.close()
+        responses.cancel()
+        srv.stop()
