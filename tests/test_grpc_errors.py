@@ -257,7 +257,7 @@ def test_a_client_may_wait_for_results_longer_than_the_timeout(tiny_engine):
     """The receive timeout counts only while the call waits on its client: a PCM client that holds
     back the rest of its audio until the first window's segments come is served, however long
     their decoding takes (here longer than the timeout)."""
-    srv = start_server(tiny_engine, receive_timeout=0.2)
+    srv = start_server(tiny_engine, receive_timeout=0.5)
     try:
         data = pcm(tone(40.0, seed=3), "s16le")
         first = threading.Event()
@@ -280,7 +280,7 @@ def test_a_client_may_wait_for_results_longer_than_the_timeout(tiny_engine):
             if r.WhichOneof("event") == "segment":
                 first.set()
         assert responses[-1].WhichOneof("event") == "summary"
-        assert times["segment"] - times["sent"] > 0.3, "decoding was quicker than the timeout: nothing tested"
+        assert times["segment"] - times["sent"] > 0.6, "decoding was quicker than the timeout: nothing tested"
     finally:
         srv.stop()
 

@@ -35,12 +35,14 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
-    """Keep compiled programs on disk, so a restart does not compile again."""
+    """Keep compiled programs on disk, so a restart does not compile again: every program, however
+    quick its compile (JAX keeps only those of a second or more by default, and which those are
+    depends on the machine's speed)."""
     directory = directory or os.environ.get("DRAGOMAN_COMPILATION_CACHE", str(Path.home() / ".cache" / "dragoman" / "jax"))
     if directory.lower() in ("", "off", "none"):
         return
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class Engine:
