@@ -11,6 +11,11 @@ The engine runs its real path: compiled programs driven by the continuous-batchi
 With --peers-script, the peer script is run first in the same invocation (it writes the random
 model to --model-dir's parent, in Hugging Face layout) and a table of ratios is printed.
 
+Several batch sizes (an accelerator's sweep) run one after the other, each in a process of its
+own, so that each one's compile time and peak device memory are its own:
+
+  python bench/engine.py --model-dir /tmp/large-v3 --size large-v3 --batch 1 8 32 64
+
 The engine runs on tcmalloc where it is installed, as the server does (service/allocator.py); the
 peers run on the C library's malloc, as they do out of the box, unless --peers-malloc tcmalloc.
 """
@@ -67,7 +72,8 @@ class EngineRun:
         t0 = time.perf_counter()
         programs.warmup(tok.sot, tok.is_multilingual)  # every program at every bucket, as the server does
         self.info = {"compile_s": round(time.perf_counter() - t0, 1), "first_run_s": round(self._once(), 2),
-                     "backend": jax.default_backend(), "dtype": str(engine.programs.dtype)}
+                     "backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
+                     "dtype": str(engine.programs.dtype)}
 
     def _once(self) -> float:
         t0 = time.perf_counter()
@@ -81,10 +87,41 @@ class EngineRun:
     def time(self) -> dict:
         best = min(self._once() for _ in range(self.reps))
         return {"seconds": round(best, 3), "windows_per_s": round(self.windows / best, 3),
-                "tokens_per_s": round(self.windows * self.tokens / best, 1), **self.info}
+                "tokens_per_s": round(self.windows * self.tokens / best, 1), **self.info, **device_memory()}
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def device_memory() -> dict:
+    """The device's peak memory in use so far and its capacity, in GiB, where the backend keeps
+    count (accelerators do; the CPU does not)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {name: round(stats[key] / 2**30, 2) for name, key in (("peak_gib", "peak_bytes_in_use"),
+                                                                  ("limit_gib", "bytes_limit")) if key in stats}
+
+
+def sweep(a) -> None:
+    """Each batch size in a process of its own; one table of all."""
+    rows = {}
+    for batch in a.batch:
+        cmd = [sys.executable, __file__, "--model-dir", a.model_dir, "--size", a.size, "--batch", str(batch),
+               "--tokens", str(a.tokens), "--reps", str(a.reps), "--beam-size", str(a.beam_size)]
+        cmd += ["--windows", str(a.windows)] if a.windows else []
+        cmd += ["--dtype", a.dtype] if a.dtype else []
+        text = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # its stderr: ours
+        result = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        rows[batch] = {"windows": result["windows"], **next(iter(result["results"].values()))}
+        print(json.dumps({"batch": batch, **rows[batch]}), flush=True)
+    print(f"\n{'batch':>6}{'windows':>9}{'windows/s':>11}{'tokens/s':>10}{'compile s':>11}{'first run s':>13}"
+          f"{'peak GiB':>10}")
+    for batch, r in rows.items():
+        print(f"{batch:>6}{r['windows']:>9}{r['windows_per_s']:>11.2f}{r['tokens_per_s']:>10.0f}{r['compile_s']:>11.1f}"
+              f"{r['first_run_s']:>13.2f}{r.get('peak_gib', float('nan')):>10.2f}")
+    first = next(iter(rows.values()))
+    print(f"{first['device']}, {first['dtype']}, {a.tokens} tokens per window")
 
 
 def run_engine(model_dir: str, windows: int, batch: int, tokens: int, dtype: str | None, reps: int,
@@ -163,8 +200,9 @@ def run_ct2(hf_dir: str, windows: int, batch: int, tokens: int, beam_size: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True, help="Hugging Face Whisper directory (peers.py writes OUT/hf)")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--windows", type=int, help="windows to decode (default: 8, or the batch size where larger)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8],
+                    help="batch size; several: each in a process of its own, one table of all")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"))
     ap.add_argument("--reps", type=int, default=2)
@@ -184,11 +222,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds > 1 and (not a.peers_script or a.beam_size > 1):
         ap.error("--rounds needs --peers-script and greedy decoding")
+    if len(a.batch) > 1 and (a.peers_script or a.rounds > 1):
+        ap.error("several batch sizes: the engine alone, without --peers-script or --rounds")
     use_tcmalloc()  # as the server runs
 
     peers = {}
     if not a.peers_script and not (Path(a.model_dir) / "config.json").exists():
         build_random_model(a.model_dir, a.size)
+    if len(a.batch) > 1:
+        return sweep(a)
+    a.batch = a.batch[0]
+    a.windows = a.windows or max(8, a.batch)
     if a.peers_script:
         peers = run_peers(a.peers_script, a, a.peers)
     engine = EngineRun(a.model_dir, a.windows, a.batch, a.tokens, a.dtype, a.reps, a.beam_size)
