@@ -40,12 +40,15 @@ class Request:
     compression_ratio_threshold: float | None = None  # None: the service's default; NaN: off
     logprob_threshold: float | None = None
     no_speech_threshold: float | None = None
+    min_p: float | None = None  # None: any token may be sampled
+    top_k: int | None = None
+    top_p: float | None = None
     beam_field: str = "beam_size"  # the form field that set beam_size (beam_size, n or use_beam_search)
 
 
 # Request fields that go to the service as they are, under the same name, when given (not None).
 DECODING_FIELDS = ("best_of", "patience", "length_penalty", "temperature_fallback", "compression_ratio_threshold",
-                   "logprob_threshold", "no_speech_threshold")
+                   "logprob_threshold", "no_speech_threshold", "min_p", "top_k", "top_p")
 
 
 @dataclass

@@ -64,6 +64,9 @@ class Params:
     compression_ratio_threshold: float | None = None  # None: the service's default; NaN: off
     logprob_threshold: float | None = None
     no_speech_threshold: float | None = None
+    min_p: float | None = None  # vLLM's sampling filters; None: off
+    top_k: int | None = None
+    top_p: float | None = None
     use_beam_search: bool | None = None  # vLLM's switch: beam search, n (else 5) beams wide
     n: int | None = None  # vLLM's beam width with use_beam_search; ignored without it
     seen: set[str] = field(default_factory=set)  # fields given, by their canonical name
@@ -230,6 +233,13 @@ def _threshold(lo: float, hi: float):
     return setter
 
 
+def _top_k(p: Params, name: str, value: str) -> None:
+    """vLLM's top_k: a count of tokens, or -1 or 0 for all of them."""
+    _int(-1, 2**31 - 1)(p, name, value)
+    if p.top_k is not None and p.top_k < 1:
+        p.top_k = None
+
+
 def _language(p: Params, name: str, value: str) -> None:
     if value.strip() == "":
         p.language = None
@@ -277,6 +287,9 @@ _SETTERS = {
     "compression_ratio_threshold": _threshold(0.0, 100.0),
     "logprob_threshold": _threshold(-100.0, 0.0),
     "no_speech_threshold": _threshold(0.0, 1.0),
+    "min_p": _float(0.0, 1.0),
+    "top_k": _top_k,
+    "top_p": _float(0.0, 1.0, lo_open=True),
     "use_beam_search": _optional_bool,
     "n": _int(-(2**63), 2**63 - 1),  # its range is checked only when use_beam_search uses it
 }

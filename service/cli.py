@@ -49,6 +49,13 @@ def add_file_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float,
                    help="rank hypotheses by log-probability / ((5 + length) / 6) ** alpha, alpha in [0, 1] "
                         "(default: divide by the length)")
+    p.add_argument("--top-k", type=int, help="at temperatures above 0, sample only among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="at temperatures above 0, sample only among the fewest likeliest tokens whose probabilities "
+                        "sum to this, in (0, 1] (default: any)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="at temperatures above 0, sample only tokens at least this times as likely as the likeliest, "
+                        "in [0, 1] (default: any)")
     p.add_argument("--no-temperature-fallback", action="store_true",
                    help="decode at exactly --temperature, once, instead of stepping up by 0.2 to 1.0 on failure")
     p.add_argument("--compression-ratio-threshold", type=float, default=2.4,
@@ -77,6 +84,7 @@ def options_from_args(args: argparse.Namespace, task: str) -> TranscribeOptions:
                              max_new_tokens=args.max_new_tokens, timestamps=not args.without_timestamps,
                              mode=args.mode, word_timestamps=args.word_timestamps, beam_size=args.beam_size,
                              best_of=args.best_of, patience=args.patience, length_penalty=args.length_penalty,
+                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                              compression_ratio_threshold=args.compression_ratio_threshold,
                              logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold)
 

@@ -48,7 +48,8 @@ OPTION_FIELDS = {"temperature": "config.temperature", "temperatures": "config.te
                  "beam_size": "config.beam_size", "best_of": "config.best_of", "patience": "config.patience",
                  "length_penalty": "config.length_penalty",
                  "compression_ratio_threshold": "config.compression_ratio_threshold",
-                 "logprob_threshold": "config.logprob_threshold", "no_speech_threshold": "config.no_speech_threshold"}
+                 "logprob_threshold": "config.logprob_threshold", "no_speech_threshold": "config.no_speech_threshold",
+                 "min_p": "config.min_p", "top_k": "config.top_k", "top_p": "config.top_p"}
 THRESHOLDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
 
 
@@ -218,13 +219,15 @@ class _Call:
             temperatures = (t,)
         else:
             temperatures = (t,) + tuple(x for x in DEFAULT_TEMPERATURES if x > t)
-        search = {}  # beam search and best-of; unset fields keep TranscribeOptions' defaults
+        search = {}  # beam search, best-of and sampling; unset fields keep TranscribeOptions' defaults
         for name in ("beam_size", "best_of"):
             if c.HasField(name):
                 search[name] = getattr(c, name)
-        for name in ("patience", "length_penalty"):
+        for name in ("patience", "length_penalty", "min_p", "top_p"):
             if c.HasField(name):
                 search[name] = _decimal(getattr(c, name))  # NaN fails validate()'s range check
+        if c.top_k:  # 0: any
+            search["top_k"] = c.top_k
         for name in THRESHOLDS:
             if c.HasField(name):
                 value = getattr(c, name)

@@ -103,23 +103,28 @@ def test_decoding_controls_reach_the_engine(tiny_model, files):
     assert all({"word", "start", "end", "probability"} <= set(w) for s in x["segments"] for w in s["words"])
     r = run_cli("transcribe", str(files["wav"]), "--model", str(tiny_model[0]), "--beam-size", "11")
     assert r.returncode == 2 and "beam_size must be in [1, 10], got 11" in r.stderr
+    r = run_cli("transcribe", str(files["wav"]), "--model", str(tiny_model[0]), "--top-p", "0")
+    assert r.returncode == 2 and "top_p must be in (0, 1], got 0" in r.stderr
 
 
 def test_sampling_controls_give_what_the_engine_gives(tiny_model, tiny_engine, files, tmp_path):
-    """--mode, --seed, --temperature and --max-new-tokens reach the engine: the command line's
-    segments are those of the engine given the same options (a seed of its own draws others).
+    """--mode, --seed, --temperature, --max-new-tokens and the sampling filters reach the engine:
+    the command line's segments are those of the engine given the same options (a seed of its
+    own, or no filters, draws others).
     The compilation cache is kept where DRAGOMAN_COMPILATION_CACHE says."""
     cache = tmp_path / "jax-cache"
     r = run_cli("transcribe", str(files["mp3"]), "--model", str(tiny_model[0]), "--json", "--language", "en",
                 "--mode", "sequential", "--seed", "3", "--temperature", "0.6", "--no-temperature-fallback",
-                "--max-new-tokens", "5", DRAGOMAN_COMPILATION_CACHE=str(cache))
+                "--max-new-tokens", "5", "--top-k", "3", "--top-p", "0.9", "--min-p", "0.01",
+                DRAGOMAN_COMPILATION_CACHE=str(cache))
     assert r.returncode == 0, r.stderr
     got = [(s["seek"], s["tokens"], s["temperature"]) for s in json.loads(r.stdout)["segments"]]
     audio = decode_audio(str(files["mp3"]))
     options = dict(language="en", mode="sequential", temperatures=(0.6,), max_new_tokens=5)
-    for seed, same in ((3, True), (4, False)):
-        want = tiny_engine.transcribe(audio, TranscribeOptions(seed=seed, **options))
-        assert (got == [(s.seek, s.tokens, s.temperature) for s in want.segments]) is same
+    filters = dict(top_k=3, top_p=0.9, min_p=0.01)
+    for seed, kw, same in ((3, filters, True), (4, filters, False), (3, {}, False)):
+        want = tiny_engine.transcribe(audio, TranscribeOptions(seed=seed, **options, **kw))
+        assert (got == [(s.seek, s.tokens, s.temperature) for s in want.segments]) is same, (seed, kw)
     assert all(len(tokens) <= 5 for _, tokens, _ in got)
     assert any(cache.iterdir()), "compiled programs are kept in the cache"
 

@@ -30,6 +30,21 @@ def test_seeded_sampling_is_reproducible(tiny_engine):
     assert a.tokens != greedy.tokens
 
 
+def test_sampling_filters_narrow_what_a_sample_may_take(tiny_engine):
+    m = mel(tiny_engine, 1)
+    greedy, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,)))
+    sampling = lambda **kw: TranscribeOptions(language="en", temperatures=(1.0,), seed=7, **kw)  # noqa: E731
+    # Filters that leave only the likeliest token sample what greedy decoding takes.
+    for narrowest in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0), dict(top_k=50, top_p=1e-6)):
+        assert tiny_engine.decode(m, sampling(**narrowest))[0].tokens == greedy.tokens, narrowest
+    free, _ = tiny_engine.decode(m, sampling())
+    top3, _ = tiny_engine.decode(m, sampling(top_k=3))
+    assert tiny_engine.decode(m, sampling(top_k=3))[0].tokens == top3.tokens  # seeded
+    assert len({tuple(greedy.tokens), tuple(free.tokens), tuple(top3.tokens)}) == 3
+    # Filters that keep every token change nothing.
+    assert tiny_engine.decode(m, sampling(top_k=10**9, top_p=1.0, min_p=0.0))[0].tokens == free.tokens
+
+
 def test_a_window_decodes_the_same_alone_and_in_a_batch_of_8(tiny_engine, monkeypatch):
     live_rows = []  # windows in the batch at each step
     step = tiny_engine.programs.step
@@ -240,6 +255,9 @@ def test_cancelled_transcription_stops_and_the_engine_serves_on(tiny_engine):
     (TranscribeOptions(mode="parallel"), "mode"),
     (TranscribeOptions(max_new_tokens=0), "max_new_tokens"),
     (TranscribeOptions(repetition_penalty=0.0), "repetition_penalty"),
+    (TranscribeOptions(top_k=0), "top_k"),
+    (TranscribeOptions(top_p=0.0), "top_p"),
+    (TranscribeOptions(min_p=1.5), "min_p"),
 ])
 def test_bad_options_name_the_field(tiny_engine, options, field):
     with pytest.raises(ValueError, match=field):

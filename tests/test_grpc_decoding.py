@@ -87,6 +87,20 @@ def test_best_of_is_reproducible_and_equals_the_engines(client, wav, tiny_engine
                                                  temperatures=(0.6,)))
 
 
+def test_sampling_filters_equal_the_engines(client, wav, tiny_engine):
+    filters = dict(top_k=3, top_p=0.9, min_p=0.01)
+    cfg = config(language="en", temperature=0.8, temperature_fallback=False, seed=5, **filters)
+    r = call(client, "transcribe", cfg, wav)
+    assert r.segments and same(segments(r), engine_segments(tiny_engine, wav, language="en", seed=5,
+                                                           temperatures=(0.8,), **filters))
+    unfiltered = call(client, "transcribe", config(language="en", temperature=0.8, temperature_fallback=False,
+                                                   seed=5), wav)
+    assert not same(segments(r), segments(unfiltered))
+    off = call(client, "transcribe", config(language="en", temperature=0.8, temperature_fallback=False, seed=5,
+                                            top_k=0, top_p=1.0, min_p=0.0), wav)  # each at its "any" value
+    assert same(segments(off), segments(unfiltered))
+
+
 def test_temperature_fallback(client, wav):
     off = call(client, "transcribe", config(language="en", temperature=0, temperature_fallback=False), wav)
     assert off.segments and all(s.temperature == 0 for s in off.segments)

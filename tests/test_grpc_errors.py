@@ -94,6 +94,8 @@ def test_option_out_of_range(server, wav, field, value):
     (dict(compression_ratio_threshold=float("inf")), "compression_ratio_threshold"),
     (dict(logprob_threshold=0.5), "logprob_threshold"), (dict(logprob_threshold=-101.0), "logprob_threshold"),
     (dict(no_speech_threshold=1.5), "no_speech_threshold"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"),
+    (dict(min_p=-0.1), "min_p"), (dict(min_p=2.0), "min_p"),
 ], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
 def test_decoding_option_out_of_range(server, wav, options, field):
     description = invalid(fails(stub(server.port), requests("transcribe", config(**options), wav), "transcribe"),

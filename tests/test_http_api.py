@@ -396,6 +396,17 @@ def test_sdk_best_of(servers):
     assert _segments(first) == _grpc_segments(servers, best_of=3, temperature=0.6, temperature_fallback=False)
 
 
+def test_sdk_sampling_filters(servers):
+    filters = dict(top_k=3, top_p=0.9, min_p=0.01)
+    got = _verbose(servers, temperature=0.8, temperature_fallback=False, **filters)
+    assert got.segments and _segments(got) == _grpc_segments(servers, temperature=0.8, temperature_fallback=False,
+                                                             **filters)
+    # vLLM's values for "any token": top_k -1 (or 0), top_p 1, min_p 0.
+    off = _verbose(servers, temperature=0.8, temperature_fallback=False, top_k=-1, top_p=1, min_p=0)
+    assert _segments(off) == _segments(_verbose(servers, temperature=0.8, temperature_fallback=False))
+    assert _segments(off) != _segments(got)
+
+
 def test_sdk_temperature_fallback(servers):
     off = _verbose(servers, temperature_fallback=False)
     assert off.segments and all(s.temperature == 0 for s in off.segments)
@@ -420,6 +431,9 @@ BAD_DECODING = [
     ({"logprob_threshold": 1}, "logprob_threshold"),
     ({"no_speech_threshold": 2}, "no_speech_threshold"),
     ({"compression_ratio_threshold": "high"}, "compression_ratio_threshold"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
 ]
 
 

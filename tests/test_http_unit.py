@@ -298,16 +298,22 @@ def test_beam_width_from_beam_size_or_vllms_fields(client, backend, fields, beam
 def test_decoding_fields_reach_the_service(client, backend):
     fields = [("beam_size", "3"), ("best_of", "2"), ("patience", "1.5"), ("length_penalty", "0.25"),
               ("temperature_fallback", "false"), ("compression_ratio_threshold", "3.5"),
-              ("logprob_threshold", "off"), ("no_speech_threshold", "0.5")]
+              ("logprob_threshold", "off"), ("no_speech_threshold", "0.5"), ("top_k", "40"), ("top_p", "0.95"),
+              ("min_p", "0.05")]
     assert post(client, "/v1/audio/translations", fields + [("file", ("a.wav", AUDIO))]).status_code == 200
     r = backend.calls[-1].request
     assert (r.beam_size, r.best_of, r.patience, r.length_penalty, r.temperature_fallback,
             r.compression_ratio_threshold, r.no_speech_threshold) == (3, 2, 1.5, 0.25, False, 3.5, 0.5)
+    assert (r.top_k, r.top_p, r.min_p) == (40, 0.95, 0.05)
     assert math.isnan(r.logprob_threshold)  # turned off
     assert post(client, "/v1/audio/translations", [("file", ("a.wav", AUDIO))]).status_code == 200
     r = backend.calls[-1].request  # none given: the service's defaults
     assert (r.beam_size, r.best_of, r.patience, r.length_penalty, r.temperature_fallback,
-            r.compression_ratio_threshold, r.logprob_threshold, r.no_speech_threshold) == (None,) * 8
+            r.compression_ratio_threshold, r.logprob_threshold, r.no_speech_threshold, r.top_k, r.top_p,
+            r.min_p) == (None,) * 11
+    for value in ("-1", "0"):  # vLLM's "any token"
+        post(client, "/v1/audio/translations", [("top_k", value), ("file", ("a.wav", AUDIO))])
+        assert backend.calls[-1].request.top_k is None
     for value, expected in (("true", True), ("1", True), ("off", False), ("", None)):
         post(client, "/v1/audio/translations", [("temperature_fallback", value), ("file", ("a.wav", AUDIO))])
         assert backend.calls[-1].request.temperature_fallback is expected
@@ -319,14 +325,15 @@ def test_decoding_fields_in_the_grpc_config():
 
     cfg = _config(Request(task="transcribe", model="m", beam_size=5, best_of=3, patience=2.0, length_penalty=0.5,
                           temperature_fallback=False, compression_ratio_threshold=3.0, logprob_threshold=math.nan,
-                          no_speech_threshold=0.25))
+                          no_speech_threshold=0.25, top_k=7, top_p=0.5, min_p=0.25))
+    assert (cfg.top_k, cfg.top_p, cfg.min_p) == (7, 0.5, 0.25)
     assert (cfg.beam_size, cfg.best_of, cfg.patience, cfg.length_penalty, cfg.temperature_fallback,
             cfg.compression_ratio_threshold, cfg.no_speech_threshold) == (5, 3, 2.0, 0.5, False, 3.0, 0.25)
     assert cfg.HasField("logprob_threshold") and math.isnan(cfg.logprob_threshold)
     unset = _config(Request(task="transcribe", model="m"))
     assert not any(unset.HasField(f) for f in ("beam_size", "best_of", "patience", "length_penalty",
                                                "temperature_fallback", "compression_ratio_threshold",
-                                               "logprob_threshold", "no_speech_threshold"))
+                                               "logprob_threshold", "no_speech_threshold", "top_k", "top_p", "min_p"))
     assert _config(Request(task="transcribe", model="m", temperature_fallback=True)).HasField("temperature_fallback")
 
 
@@ -356,6 +363,8 @@ BAD_DECODING = [
     ({"compression_ratio_threshold": "-1"}, "compression_ratio_threshold"),
     ({"logprob_threshold": "1"}, "logprob_threshold"), ({"logprob_threshold": "low"}, "logprob_threshold"),
     ({"no_speech_threshold": "1.5"}, "no_speech_threshold"),
+    ({"top_k": "-2"}, "top_k"), ({"top_k": "2.5"}, "top_k"), ({"top_k": str(2**31)}, "top_k"),
+    ({"top_p": "0"}, "top_p"), ({"top_p": "1.01"}, "top_p"), ({"min_p": "-0.5"}, "min_p"), ({"min_p": "2"}, "min_p"),
     ({"use_beam_search": "true", "n": "11"}, "n"), ({"use_beam_search": "true", "n": "0"}, "n"),
     ({"n": "three"}, "n"), ({"use_beam_search": "true", "n": "3", "beam_size": "4"}, "n"),
     ({"use_beam_search": "false", "beam_size": "4"}, "use_beam_search"),

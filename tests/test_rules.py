@@ -10,7 +10,7 @@ from whisper.decoding import ApplyTimestampRules, SuppressBlank, SuppressTokens
 from whisper.tokenizer import get_tokenizer
 
 from random_models import tokenizer_dir
-from service.engine.rules import RowOptions, RowState, Vocabulary, apply_rules, commit_tokens
+from service.engine.rules import RowOptions, RowState, Vocabulary, apply_rules, commit_tokens, restrict_samples
 from service.engine.tokenizer import WhisperTokenizer
 
 N_VOCAB = 51865
@@ -68,7 +68,8 @@ def test_rules_equal_openai_whisper_logit_filters(tokenizers, timestamps, max_in
         state = RowState(*(jnp.where(live.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(moved, state)))
     options = RowOptions(temperature=jnp.zeros(ROWS), timestamps=jnp.full(ROWS, timestamps),
                          max_initial_timestamp=jnp.full(ROWS, max_initial, jnp.int32),
-                         repetition_penalty=jnp.ones(ROWS), key=jnp.zeros((ROWS, 2), jnp.uint32))
+                         repetition_penalty=jnp.ones(ROWS), key=jnp.zeros((ROWS, 2), jnp.uint32),
+                         min_p=jnp.zeros(ROWS), top_k=jnp.zeros(ROWS, jnp.int32), top_p=jnp.ones(ROWS))
     got = np.asarray(apply_rules(jnp.asarray(logits), state, options, vocab))
 
     prefix = list(ref_tok.sot_sequence)
@@ -88,3 +89,40 @@ def test_rules_equal_openai_whisper_logit_filters(tokenizers, timestamps, max_in
         np.testing.assert_array_equal(got[row][np.isfinite(want)], want[np.isfinite(want)])
         blanked += not seq and logits[row].argmax() in (220, ours.eot)
     assert blanked, "some rows start with a blank on top"
+
+
+def allowed_as_vllm(logits: np.ndarray, min_p: float, top_k: int, top_p: float) -> set[int]:
+    """The tokens vLLM's sampler may draw, written out plainly: min_p on the probabilities, then
+    the k likeliest (ties kept), then the fewest likeliest of those, renormalised, whose
+    probabilities reach top_p."""
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    keep = (p > 0) & (p >= min_p * p.max())
+    if top_k:
+        keep &= logits >= np.sort(logits[keep])[::-1][min(top_k, keep.sum()) - 1]
+    if top_p < 1:
+        q = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+        order = np.argsort(-q, kind="stable")
+        before = np.cumsum(q[order]) - q[order]
+        keep &= q >= q[order][before < top_p].min()
+    return set(np.flatnonzero(keep).tolist())
+
+
+def test_sampling_filters_keep_the_tokens_vllm_keeps():
+    rng = np.random.default_rng(7)
+    cases = [(0.0, 0, 1.0), (0.0, 1, 1.0), (0.0, 5, 1.0), (0.0, 0, 0.5), (0.0, 0, 0.9), (0.2, 0, 1.0),
+             (0.05, 40, 0.8), (0.0, 3, 0.95), (1.0, 0, 1.0), (0.0, 0, 1e-6), (0.0, 100000, 1.0)]
+    logits = rng.standard_normal((len(cases), 500)).astype(np.float32) * 3
+    logits[[1, -2], 20:23] = logits.max() + 1  # ties at the top: top_k=1 and a tiny top_p keep all three
+    logits[:, 100:150] = -np.inf  # suppressed tokens stay suppressed
+    min_p, top_k, top_p = (np.array(c, dtype) for c, dtype in zip(zip(*cases), (np.float32, np.int32, np.float32)))
+    opts = RowOptions(*([jnp.zeros(len(cases))] * 5), min_p=jnp.asarray(min_p), top_k=jnp.asarray(top_k),
+                      top_p=jnp.asarray(top_p))
+    got = np.asarray(restrict_samples(jnp.asarray(logits), opts))
+    for row, case in enumerate(cases):
+        kept = set(np.flatnonzero(np.isfinite(got[row])).tolist())
+        assert kept == allowed_as_vllm(logits[row], *case), case
+        np.testing.assert_array_equal(got[row][sorted(kept)], logits[row][sorted(kept)])  # not rescaled
+    sizes = [len(allowed_as_vllm(logits[r], *c)) for r, c in enumerate(cases)]
+    assert sizes[0] == 450 and sizes[1] == 3 and sizes[8] == 1 and sizes[-2] == 3 and sizes[-1] == 450, sizes
+    assert all(1 < n < 450 for n in sizes[2:8]), sizes  # each filter, and their mix, removes some

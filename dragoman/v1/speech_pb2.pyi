@@ -74,7 +74,7 @@ class TranscribeResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[Delta, _Mapping]] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("model", "language", "prompt", "temperature", "seed", "repetition_penalty", "max_new_tokens", "long_form_mode", "timestamp_granularities", "stream_deltas", "encoding", "sample_rate_hertz", "channels", "beam_size", "best_of", "patience", "length_penalty", "temperature_fallback", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
+    __slots__ = ("model", "language", "prompt", "temperature", "seed", "repetition_penalty", "max_new_tokens", "long_form_mode", "timestamp_granularities", "stream_deltas", "encoding", "sample_rate_hertz", "channels", "beam_size", "best_of", "patience", "length_penalty", "temperature_fallback", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold", "min_p", "top_k", "top_p")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,9 @@ class Config(_message.Message):
     COMPRESSION_RATIO_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NO_SPEECH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
     model: str
     language: str
     prompt: str
@@ -117,7 +120,10 @@ class Config(_message.Message):
     compression_ratio_threshold: float
     logprob_threshold: float
     no_speech_threshold: float
-    def __init__(self, model: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., long_form_mode: _Optional[_Union[LongFormMode, str]] = ..., timestamp_granularities: _Optional[_Iterable[_Union[TimestampGranularity, str]]] = ..., stream_deltas: _Optional[bool] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., beam_size: _Optional[int] = ..., best_of: _Optional[int] = ..., patience: _Optional[float] = ..., length_penalty: _Optional[float] = ..., temperature_fallback: _Optional[bool] = ..., compression_ratio_threshold: _Optional[float] = ..., logprob_threshold: _Optional[float] = ..., no_speech_threshold: _Optional[float] = ...) -> None: ...
+    min_p: float
+    top_k: int
+    top_p: float
+    def __init__(self, model: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., long_form_mode: _Optional[_Union[LongFormMode, str]] = ..., timestamp_granularities: _Optional[_Iterable[_Union[TimestampGranularity, str]]] = ..., stream_deltas: _Optional[bool] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., beam_size: _Optional[int] = ..., best_of: _Optional[int] = ..., patience: _Optional[float] = ..., length_penalty: _Optional[float] = ..., temperature_fallback: _Optional[bool] = ..., compression_ratio_threshold: _Optional[float] = ..., logprob_threshold: _Optional[float] = ..., no_speech_threshold: _Optional[float] = ..., min_p: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class Delta(_message.Message):
     __slots__ = ("text",)

@@ -248,7 +248,8 @@ class _Run:
         best_of = (o.best_of or 1) if temperature > 0 else 1
         return DecodeJob(window, prefix, prefix.index(self.tok.sot), temperature, o.timestamps, max_initial,
                          o.repetition_penalty, key, self.sample_len, beam_size=beam_size, patience=o.patience or 1.0,
-                         best_of=best_of, length_penalty=o.length_penalty, cancel=self.cancel)
+                         best_of=best_of, length_penalty=o.length_penalty, min_p=o.min_p,
+                         top_k=min(o.top_k or 0, 2**31 - 1), top_p=o.top_p, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
         self.completion_tokens += len(out.tokens) + 1

@@ -341,7 +341,8 @@ class Programs:
                 if detect_language:
                     calls.append(self._detect_call(feats, sot, device))
                 options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
-                                     np.ones(size, np.float32), np.zeros((size, 2), np.uint32))
+                                     np.ones(size, np.float32), np.zeros((size, 2), np.uint32),
+                                     np.zeros(size, np.float32), np.zeros(size, np.int32), np.ones(size, np.float32))
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
                     calls.append(self._admit_call(on_device, feats, prefixes, [0] * size, list(range(size)), options,
@@ -369,7 +370,8 @@ class Programs:
         state = RowState(*(jnp.full(n, -1, jnp.int32) for _ in range(3)), jnp.zeros(n, jnp.int32),
                          jnp.zeros((n, d.n_vocab), bool))
         options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
-                             jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32))
+                             jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32),
+                             jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32))
         slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, options, jnp.full(n, d.n_text_ctx, jnp.int32))
         if self.mesh is not None:
             return jax.device_put(slots, self.split)

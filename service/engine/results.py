@@ -17,6 +17,10 @@ class TranscribeOptions:
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # tried in order while a result fails the thresholds
     seed: int = 0
     repetition_penalty: float = 1.0
+    # Which tokens a sample may take, at temperatures above 0 (vLLM's filters, in its order):
+    min_p: float = 0.0  # at least this times the likeliest token's probability, in [0, 1]; 0 = any
+    top_k: int | None = None  # among the k likeliest tokens, k >= 1; None = any
+    top_p: float = 1.0  # among the fewest likeliest whose probabilities sum to this, in (0, 1]; 1 = any
     max_new_tokens: int | None = None  # per 30 s window; None = half the text context (224)
     timestamps: bool = True  # segment timestamps; off = one segment per window
     mode: str = "batched"  # "batched" (all windows at once) or "sequential" (openai-whisper's seek loop)
@@ -45,6 +49,12 @@ class TranscribeOptions:
                 raise ValueError(f"temperature must be in [0, 1], got {t}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or unset for any), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 448:
             raise ValueError(f"max_new_tokens must be in [1, 448], got {self.max_new_tokens}")
         for name in ("beam_size", "best_of"):

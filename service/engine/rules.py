@@ -2,8 +2,8 @@
 
 Each rule mirrors one of openai-whisper's logit filters (`SuppressBlank`, `SuppressTokens`,
 `ApplyTimestampRules`), vectorised over rows so that they compile into the decode step.
-Rows carry their own options (temperature, timestamps, penalty), so windows of different
-requests share one batch.
+Rows carry their own options (temperature, timestamps, penalty, sampling filters), so windows of
+different requests share one batch.
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ class RowOptions(NamedTuple):
     max_initial_timestamp: jax.Array  # int32 index; < 0 = unbounded
     repetition_penalty: jax.Array  # float32; 1 = off
     key: jax.Array  # uint32 [batch, 2]: the row's sampling key
+    # Which tokens a sample may take (vLLM's sampling parameters, applied in its order):
+    min_p: jax.Array  # float32: at least this times the likeliest token's probability; 0 = off
+    top_k: jax.Array  # int32: among the k likeliest; 0 = off
+    top_p: jax.Array  # float32: among the fewest likeliest whose probabilities sum to this; 1 = off
 
 
 class RowState(NamedTuple):
@@ -121,6 +125,54 @@ def first_argmax(x: jax.Array, top: jax.Array | None = None) -> jax.Array:
     return jnp.min(jnp.where(x == top, ids, x.shape[-1] - 1), axis=-1)
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (-inf lowest), for bisection over the values."""
+    i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    i = jnp.where(i < 0, i ^ 0x7FFFFFFF, i)  # negative floats: the larger the magnitude, the lower
+    return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _highest_key_where(keys: jax.Array, holds) -> jax.Array:
+    """Per row, the highest key t with holds(t) (monotone: true for low t, false above some
+    point; true at the row's lowest key), by bisection over the 2^32 keys: 32 passes over the
+    vocabulary, a fraction of the cost of sorting it (on CPU: 10 ms a row)."""
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        ok = holds(mid[:, None])[:, 0]
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (keys.min(-1), keys.max(-1)))
+    return lo[:, None]
+
+
+def restrict_samples(scaled: jax.Array, opts: RowOptions) -> jax.Array:
+    """Temperature-scaled logits with the tokens a sample may not take at -inf, as vLLM filters
+    them: min_p, then top_k, then top_p over what top_k left (its probabilities renormalised):
+    the fewest likeliest tokens whose probabilities reach top_p. Ties with the last token kept
+    are kept too. top_k's and top_p's searches run only when some row asks for them."""
+    top = scaled.max(-1, keepdims=True)
+    scaled = jnp.where(scaled >= top + jnp.log(opts.min_p)[:, None], scaled, NEG_INF)  # log(0) = -inf: all
+
+    keys = _ordered_keys(scaled)
+    lowest = jnp.zeros((scaled.shape[0], 1), jnp.uint32)  # keeps every token
+
+    def kth(_):
+        k = jnp.where(opts.top_k > 0, opts.top_k, scaled.shape[-1])[:, None]
+        return _highest_key_where(keys, lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k)
+
+    least = jax.lax.cond(jnp.any(opts.top_k > 0), kth, lambda _: lowest, None)
+
+    def nucleus(_):
+        weights = jnp.where(keys >= least, jnp.exp(scaled - top), 0.0)
+        need = opts.top_p[:, None] * weights.sum(-1, keepdims=True)
+        cut = _highest_key_where(keys, lambda t: jnp.where(keys >= t, weights, 0.0).sum(-1, keepdims=True) >= need)
+        return jnp.where(opts.top_p[:, None] < 1, jnp.maximum(least, cut), least)  # 1 is off, whatever the rounding
+
+    least = jax.lax.cond(jnp.any(opts.top_p < 1), nucleus, lambda _: least, None)
+    return jnp.where(keys >= least, scaled, NEG_INF)
+
+
 def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: Vocabulary,
                   candidates: jax.Array | bool = True):
     """Apply the rules and pick each row's next token: argmax, or a seeded sample when its
@@ -136,7 +188,7 @@ def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: V
     def sample(_):
         keys = jax.vmap(jax.random.fold_in)(opts.key, state.n_sampled)
         temperature = jnp.maximum(opts.temperature, 1e-6)[:, None]
-        return jax.vmap(jax.random.categorical)(keys, logits / temperature).astype(jnp.int32)
+        return jax.vmap(jax.random.categorical)(keys, restrict_samples(logits / temperature, opts)).astype(jnp.int32)
 
     # Drawing the noise costs a sixth of a CPU step: only when some row samples.
     sampled = jax.lax.cond(jnp.any(opts.temperature > 0), sample,

@@ -77,6 +77,9 @@ class DecodeJob:
     patience: float = 1.0  # beam search stops once beam_size * patience hypotheses have finished
     best_of: int = 1  # > 1: sample this many rows independently and keep the best
     length_penalty: float | None = None  # ranking: None = divide by length, else ((5 + length) / 6) ** alpha
+    min_p: float = 0.0  # sampling filters (rules.RowOptions): 0, 0 and 1 are off
+    top_k: int = 0
+    top_p: float = 1.0
     on_token: Callable[[int], None] | None = None  # each token as it comes (single-row jobs only)
     cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
@@ -423,6 +426,9 @@ class DecodeScheduler:
                 np.array([g.job.max_initial_timestamp for g, _ in rows], np.int32),
                 np.array([g.job.repetition_penalty for g, _ in rows], np.float32),
                 np.array([_row_key(g.job.key, r) for g, r in rows], np.uint32).reshape(-1, 2),
+                np.array([g.job.min_p for g, _ in rows], np.float32),
+                np.array([g.job.top_k for g, _ in rows], np.int32),
+                np.array([g.job.top_p for g, _ in rows], np.float32),
             )
 
         # The Choice's rows: each group's first slot, then the copies.
