@@ -13,8 +13,9 @@ import pytest
 
 from compile_events import PROGRAMS, compiles
 from service.engine.lanes import SWITCH, cpu_lanes, split_cores
+from service.engine import programs as programs_module
 from service.engine.programs import Programs
-from service.engine.rules import Vocabulary
+from service.engine.rules import RowOptions, Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
 
 
@@ -447,6 +448,48 @@ def test_a_row_left_alone_past_the_first_block_moves_into_it(tiny_engine):
     assert given[0] == 3 and given[-12:] == [1] * 12
     assert [t.tokens for t in together] == [a.tokens for a in alone]
     assert together[4].sum_logprob == pytest.approx(alone[4].sum_logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_windows_admitted_a_group_at_a_time_fill_the_slots_as_all_at_once(tiny_engine, monkeypatch, group):
+    """A large model's admission computes its windows' caches a few at a time (GROUP_BYTES of
+    cross-attention keys and values), not the whole batch's beside the slots. Three windows (a
+    bucket of four: one row of padding), with copies of the first and the third into further
+    slots, admitted in groups of one or two, leave the slots with the caches, row state,
+    options and first tokens that all at once leaves; and language detection in groups gives
+    the same probabilities."""
+    tok, d = tiny_engine.tokenizer, tiny_engine.dims
+    whole = endless(tiny_engine, 8)
+    per_window = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * np.dtype(whole.dtype).itemsize
+    monkeypatch.setattr(programs_module, "GROUP_BYTES", group * per_window)
+    grouped = endless(tiny_engine, 8)
+    assert (whole._group(4), grouped._group(4)) == (4, group)
+    features = whole.encode(np.stack([noise(d.n_mels, 120 + i) for i in range(3)]))
+    prefixes = [english(tok), english(tok)[:-1], [tok.sot_prev, 300, 301] + english(tok)]
+    options = RowOptions(np.array([0.0, 0.8, 0.5], np.float32), np.array([False, True, True]), np.full(3, -1, np.int32),
+                         np.array([1.0, 1.0, 1.3], np.float32), np.arange(6, dtype=np.uint32).reshape(3, 2),
+                         np.zeros(3, np.float32), np.zeros(3, np.int32), np.ones(3, np.float32))
+    copy_options = RowOptions(*(np.asarray(o)[[0, 2]] for o in options))._replace(
+        key=np.array([[9, 9], [8, 8]], np.uint32))
+    out = [p.admit(p.empty_slots(), features, prefixes, [0, 0, 3], [1, 4, 6], options, tok.no_speech,
+                   copies=[(0, 0), (2, 7)], copy_options=copy_options) for p in (whole, grouped)]
+    (slots, choice, no_speech), (g_slots, g_choice, g_no_speech) = out
+    for a, b in zip(jax.tree.leaves(slots), jax.tree.leaves(g_slots)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(g_choice.tokens, choice.tokens)
+    np.testing.assert_allclose(g_choice.logprobs, choice.logprobs, atol=1e-5)
+    np.testing.assert_allclose(g_no_speech, no_speech, atol=1e-6)
+    # The copies hold their rows' caches; the slots no window went into stay empty.
+    cross = np.concatenate([np.asarray(b) for b in g_slots.cache.cross_k[0]])  # [slots, heads, frames, dim]
+    np.testing.assert_array_equal(cross[0], cross[1])
+    np.testing.assert_array_equal(cross[7], cross[6])
+    assert not cross[[2, 3, 5]].any() and all(cross[i].any() for i in (0, 1, 4, 6, 7))
+    np.testing.assert_allclose(grouped.detect_language(features, tok.sot), whole.detect_language(features, tok.sot),
+                               atol=1e-6)
 
 
 def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine):

@@ -47,6 +47,10 @@ from .dims import N_FRAMES, ModelDimensions
 from .lanes import cpu_lanes
 from .rules import RowOptions, RowState, Vocabulary, choose_tokens, commit_tokens
 
+# The most bytes of cross-attention keys and values an admission or a language detection
+# computes at once (see `Programs._group`).
+GROUP_BYTES = 1 << 30
+
 
 class Choice(NamedTuple):
     """What a program proposes for each row: its pick and the top candidates."""
@@ -162,6 +166,7 @@ class Programs:
         # A stand-in for the features of a batch's padding rows (see `_rows`).
         self._blank = jax.device_put(np.zeros((dims.n_audio_ctx, dims.n_audio_state), self.dtype), self.home)
         self._chunks = chunks
+        self.group_bytes = GROUP_BYTES
         self._encode = jax.jit(self._encode_impl)
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
@@ -179,26 +184,64 @@ class Programs:
 
     def _detect_impl(self, params, rows: tuple[jax.Array, ...], sot: jax.Array) -> jax.Array:
         features = jnp.stack(rows)
-        b = features.shape[0]
-        ck, cv = model.cross_kv(params, features, self.dims)
-        sk, sv = model.empty_self_cache(self.dims, b, self.dtype, length=1)
-        tokens = jnp.full((b, 1), sot, jnp.int32)
-        logits, _ = model.decode(params, tokens, jnp.zeros(b, jnp.int32), model.KVCache(sk, sv, ck, cv),
-                                 jnp.zeros((b, 1), jnp.int32), self.dims)
-        return jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1)
+        b, g = features.shape[0], self._group(features.shape[0])
+
+        def detect(j, probs):  # the rows of group j
+            ck, cv = model.cross_kv(params, jax.lax.dynamic_slice_in_dim(features, j * g, g), self.dims)
+            sk, sv = model.empty_self_cache(self.dims, g, self.dtype, length=1)
+            tokens = jnp.full((g, 1), sot, jnp.int32)
+            logits, _ = model.decode(params, tokens, jnp.zeros(g, jnp.int32), model.KVCache(sk, sv, ck, cv),
+                                     jnp.zeros((g, 1), jnp.int32), self.dims)
+            return jax.lax.dynamic_update_slice_in_dim(probs, jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1),
+                                                       j * g, 0)
+
+        return jax.lax.fori_loop(0, b // g, detect, jnp.zeros((b, len(self.language_ids)), jnp.float32))
+
+    def _group(self, rows: int) -> int:
+        """How many of `rows` windows an admission or a language detection computes at once:
+        the most that divides them whose cross-attention keys and values fit in `group_bytes`
+        (at least one). Computed all at once, a batch's would be the size of the slots' again,
+        and more while XLA computes them (large-v3 in float32: 9.4 GB for 8 windows)."""
+        d = self.dims
+        per_row = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * jnp.dtype(self.dtype).itemsize
+        most = max(1, self.group_bytes // per_row)
+        return max(g for g in range(1, min(rows, most) + 1) if rows % g == 0)
 
     def _admit_impl(self, params, slots: Slots, rows: tuple[jax.Array, ...], prefix, length, sot_index, slot_ids,
                     options: RowOptions, no_speech, copy_rows, copy_slots, copy_options: RowOptions):
         """Rows 0..k-1 go into slots slot_ids (past the last slot: padding, dropped); the caches
         of row copy_rows[i] are also written into slot copy_slots[i] (past the last slot: none),
         which starts as that row does, with options copy_options[i]. The choices: the k rows',
-        then the copies'."""
+        then the copies'. The rows are computed a group at a time (see `_group`), each group's
+        caches written into their slots before the next group's are computed; padding rows
+        past the last group that holds a window are not computed."""
         features = jnp.stack(rows)
-        k = features.shape[0]
-        ck, cv = model.cross_kv(params, features, self.dims)
-        sk, sv = model.empty_self_cache(self.dims, k, self.dtype)
+        k, g = features.shape[0], self._group(features.shape[0])
+        # Every (row, slot) pair: the rows' own slots, then the copies, which start as their row
+        # does and draw from its logits with their own options (one choice over all of them).
+        pair_rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
+        targets = jnp.concatenate([slot_ids, copy_slots])
         logit_index = jnp.stack([sot_index, length - 1], axis=1)
-        logits, new = model.decode(params, prefix, jnp.zeros(k, jnp.int32), model.KVCache(sk, sv, ck, cv), logit_index, self.dims)
+
+        def admit(j, carry):  # the rows of group j
+            cache, logits = carry
+            at = lambda x: jax.lax.dynamic_slice_in_dim(x, j * g, g)  # noqa: E731
+            ck, cv = model.cross_kv(params, at(features), self.dims)
+            sk, sv = model.empty_self_cache(self.dims, g, self.dtype)
+            group_logits, new = model.decode(params, at(prefix), jnp.zeros(g, jnp.int32),
+                                             model.KVCache(sk, sv, ck, cv), at(logit_index), self.dims)
+            # This group's pairs first, in slot order; the others' targets past the last slot.
+            mine = (pair_rows >= j * g) & (pair_rows < (j + 1) * g)
+            order = jnp.argsort(jnp.where(mine, targets, self.n_slots))
+            sources, group_targets = pair_rows[order] - j * g, jnp.where(mine, targets, self.n_slots)[order]
+            new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of g rows each
+            cache = self._write_rows(cache, group_targets, lambda i, _: tuple(
+                jax.lax.dynamic_index_in_dim(r, sources[i], keepdims=False) for r in new_rows))
+            return cache, jax.lax.dynamic_update_slice_in_dim(logits, group_logits, j * g, 0)
+
+        windows = jnp.sum(slot_ids < self.n_slots)
+        cache, logits = jax.lax.fori_loop(0, (windows + g - 1) // g, admit, (
+            slots.cache, jnp.zeros((k, 2, self.dims.n_vocab), jnp.float32)))
         no_speech_prob = jax.nn.softmax(logits[:, 0], axis=-1)[:, no_speech]
         valid = jnp.arange(prefix.shape[1])[None, :] < length[:, None]
         seen = jnp.zeros((k, self.dims.n_vocab), jnp.int32).at[jnp.arange(k)[:, None], prefix].add(valid) > 0
@@ -209,45 +252,37 @@ class Programs:
             n_sampled=jnp.zeros(k, jnp.int32),
             seen=seen,
         )
-        # Every (row, slot) pair: the rows' own slots, then the copies, which start as their row
-        # does and draw from its logits with their own options (one choice over all of them).
-        rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
-        targets = jnp.concatenate([slot_ids, copy_slots])
-        state = RowState(*(x[rows] for x in state))
+        state = RowState(*(x[pair_rows] for x in state))
         options = RowOptions(*(jnp.concatenate(pair) for pair in zip(options, copy_options)))
-        choice = choose_tokens(logits[rows, 1], state, options, self.vocab)
+        choice = choose_tokens(logits[pair_rows, 1], state, options, self.vocab)
         put = lambda big, small: big.at[targets].set(small, mode="drop")  # noqa: E731
-        slots = Slots(slots.cache, RowState(*map(put, slots.state, state)), RowOptions(*map(put, slots.options, options)),
-                      put(slots.position, length[rows]))
-        # The caches, in slot order.
-        order = jnp.argsort(targets)
-        rows, targets = rows[order], targets[order]
-        new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of k rows each
-        cache = self._write_rows(slots.cache, targets, lambda i, _: tuple(
-            jax.lax.dynamic_index_in_dim(r, rows[i], keepdims=False) for r in new_rows))
-        slots = slots._replace(cache=cache)
+        slots = Slots(cache, RowState(*map(put, slots.state, state)), RowOptions(*map(put, slots.options, options)),
+                      put(slots.position, length[pair_rows]))
         return slots, choice, no_speech_prob
 
     def _write_rows(self, cache: model.KVCache, targets: jax.Array, row) -> model.KVCache:
         """`cache` with, for each i in order, row(i, blocks) written into slot targets[i] of every
         cache of every layer (targets in increasing order; past the last slot: none). `blocks`
         are the cache's blocks as they are at that point ([block][cache], caches in KVCache order).
-        Each block loops over its targets and writes in place (scattering each cache into each
-        block separately would make the programs many times longer to compile)."""
+        One loop over the targets writes each row in place into the block that holds its slot
+        (its writes into the other blocks fall outside them and are dropped). One loop, not one
+        per block: XLA copies what a loop reads for every further loop that reads it too (for an
+        admission, all its new rows: 5 GB for large-v3 at 8 rows). Scattering all rows at once
+        would make the programs many times longer to compile."""
         layers = self.dims.n_text_layer
-        blocks = [list(b) for b in zip(*(*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v))]
-        start = 0
-        for b in range(len(blocks)):
-            n = blocks[b][0].shape[0]
+        starts = np.cumsum((0,) + self.blocks[:-1])
 
-            def write(i, caches, b=b, start=start):
-                values = row(i, blocks[:b] + [caches] + blocks[b + 1:])  # this block as the loop has it
-                return tuple(jax.lax.dynamic_update_index_in_dim(c, v, targets[i] - start, 0)
-                             for c, v in zip(caches, values))
+        def write(i, blocks):
+            values = row(i, blocks)
+            written = []
+            for caches, start in zip(blocks, starts):
+                n = caches[0].shape[0]
+                at = jnp.where((targets[i] >= start) & (targets[i] < start + n), targets[i] - start, n)
+                written.append(tuple(c.at[at].set(v, mode="drop") for c, v in zip(caches, values)))
+            return tuple(written)
 
-            lo, hi = jnp.searchsorted(targets, start), jnp.searchsorted(targets, start + n)
-            blocks[b] = list(jax.lax.fori_loop(lo, hi, write, tuple(blocks[b])))
-            start += n
+        blocks = tuple(zip(*(*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)))  # [block][cache]
+        blocks = jax.lax.fori_loop(0, jnp.searchsorted(targets, self.n_slots), write, blocks)
         by_cache = [tuple(block[c] for block in blocks) for c in range(4 * layers)]  # [cache][block]
         return model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
 
