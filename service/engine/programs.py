@@ -264,25 +264,22 @@ class Programs:
         """`cache` with, for each i in order, row(i, blocks) written into slot targets[i] of every
         cache of every layer (targets in increasing order; past the last slot: none). `blocks`
         are the cache's blocks as they are at that point ([block][cache], caches in KVCache order).
-        One loop over the targets writes each row in place into the block that holds its slot
-        (its writes into the other blocks fall outside them and are dropped). One loop, not one
-        per block: XLA copies what a loop reads for every further loop that reads it too (for an
-        admission, all its new rows: 5 GB for large-v3 at 8 rows). Scattering all rows at once
-        would make the programs many times longer to compile."""
+        Each block loops over its targets and writes in place (scattering each cache into each
+        block separately would make the programs many times longer to compile)."""
         layers = self.dims.n_text_layer
-        starts = np.cumsum((0,) + self.blocks[:-1])
+        blocks = [list(b) for b in zip(*(*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v))]
+        start = 0
+        for b in range(len(blocks)):
+            n = blocks[b][0].shape[0]
 
-        def write(i, blocks):
-            values = row(i, blocks)
-            written = []
-            for caches, start in zip(blocks, starts):
-                n = caches[0].shape[0]
-                at = jnp.where((targets[i] >= start) & (targets[i] < start + n), targets[i] - start, n)
-                written.append(tuple(c.at[at].set(v, mode="drop") for c, v in zip(caches, values)))
-            return tuple(written)
+            def write(i, caches, b=b, start=start):
+                values = row(i, blocks[:b] + [caches] + blocks[b + 1:])  # this block as the loop has it
+                return tuple(jax.lax.dynamic_update_index_in_dim(c, v, targets[i] - start, 0)
+                             for c, v in zip(caches, values))
 
-        blocks = tuple(zip(*(*cache.self_k, *cache.self_v, *cache.cross_k, *cache.cross_v)))  # [block][cache]
-        blocks = jax.lax.fori_loop(0, jnp.searchsorted(targets, self.n_slots), write, blocks)
+            lo, hi = jnp.searchsorted(targets, start), jnp.searchsorted(targets, start + n)
+            blocks[b] = list(jax.lax.fori_loop(lo, hi, write, tuple(blocks[b])))
+            start += n
         by_cache = [tuple(block[c] for block in blocks) for c in range(4 * layers)]  # [cache][block]
         return model.KVCache(*(tuple(by_cache[i * layers:(i + 1) * layers]) for i in range(4)))
 
