@@ -13,7 +13,6 @@ import pytest
 
 from compile_events import PROGRAMS, compiles
 from service.engine.lanes import SWITCH, cpu_lanes, split_cores
-from service.engine import programs as programs_module
 from service.engine.programs import Programs
 from service.engine.rules import RowOptions, Vocabulary
 from service.engine.scheduler import DecodeJob, DecodeScheduler, Window, _row_key
@@ -451,8 +450,8 @@ def test_a_row_left_alone_past_the_first_block_moves_into_it(tiny_engine):
 
 
 @pytest.mark.parametrize("group", [1, 2])
-def test_windows_admitted_a_group_at_a_time_fill_the_slots_as_all_at_once(tiny_engine, monkeypatch, group):
-    """A large model's admission computes its windows' caches a few at a time (GROUP_BYTES of
+def test_windows_admitted_a_group_at_a_time_fill_the_slots_as_all_at_once(tiny_engine, group):
+    """A large model's admission computes its windows' caches a few at a time (`group_bytes` of
     cross-attention keys and values), not the whole batch's beside the slots. Three windows (a
     bucket of four: one row of padding), with copies of the first and the third into further
     slots, admitted in groups of one or two, leave the slots with the caches, row state,
@@ -461,8 +460,8 @@ def test_windows_admitted_a_group_at_a_time_fill_the_slots_as_all_at_once(tiny_e
     tok, d = tiny_engine.tokenizer, tiny_engine.dims
     whole = endless(tiny_engine, 8)
     per_window = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * np.dtype(whole.dtype).itemsize
-    monkeypatch.setattr(programs_module, "GROUP_BYTES", group * per_window)
     grouped = endless(tiny_engine, 8)
+    grouped.group_bytes = group * per_window  # before its programs are first traced
     assert (whole._group(4), grouped._group(4)) == (4, group)
     features = whole.encode(np.stack([noise(d.n_mels, 120 + i) for i in range(3)]))
     prefixes = [english(tok), english(tok)[:-1], [tok.sot_prev, 300, 301] + english(tok)]

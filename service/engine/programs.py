@@ -231,9 +231,9 @@ class Programs:
             group_logits, new = model.decode(params, at(prefix), jnp.zeros(g, jnp.int32),
                                              model.KVCache(sk, sv, ck, cv), at(logit_index), self.dims)
             # This group's pairs first, in slot order; the others' targets past the last slot.
-            mine = (pair_rows >= j * g) & (pair_rows < (j + 1) * g)
-            order = jnp.argsort(jnp.where(mine, targets, self.n_slots))
-            sources, group_targets = pair_rows[order] - j * g, jnp.where(mine, targets, self.n_slots)[order]
+            mine = jnp.where((pair_rows >= j * g) & (pair_rows < (j + 1) * g), targets, self.n_slots)
+            order = jnp.argsort(mine)
+            sources, group_targets = pair_rows[order] - j * g, mine[order]
             new_rows = [blocks[0] for blocks in (*new.self_k, *new.self_v, *ck, *cv)]  # one block of g rows each
             cache = self._write_rows(cache, group_targets, lambda i, _: tuple(
                 jax.lax.dynamic_index_in_dim(r, sources[i], keepdims=False) for r in new_rows))
@@ -372,9 +372,7 @@ class Programs:
                 feats = [self._blank] * size
                 if detect_language:
                     calls.append(self._detect_call(feats, sot, device))
-                options = RowOptions(np.zeros(size, np.float32), np.ones(size, bool), np.full(size, -1, np.int32),
-                                     np.ones(size, np.float32), np.zeros((size, 2), np.uint32),
-                                     np.zeros(size, np.float32), np.zeros(size, np.int32), np.ones(size, np.float32))
+                options = RowOptions.off(size)
                 for width in self.prefix_sizes:
                     prefixes = [[sot] * min(width, d.n_text_ctx)] * size
                     calls.append(self._admit_call(on_device, feats, prefixes, [0] * size, list(range(size)), options,
@@ -401,10 +399,8 @@ class Programs:
                               for _ in range(d.n_text_layer))
         state = RowState(*(jnp.full(n, -1, jnp.int32) for _ in range(3)), jnp.zeros(n, jnp.int32),
                          jnp.zeros((n, d.n_vocab), bool))
-        options = RowOptions(jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.full(n, -1, jnp.int32),
-                             jnp.ones(n, jnp.float32), jnp.zeros((n, 2), jnp.uint32),
-                             jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32))
-        slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, options, jnp.full(n, d.n_text_ctx, jnp.int32))
+        slots = Slots(model.KVCache(sk, sv, cross(), cross()), state, RowOptions.off(n),
+                      jnp.full(n, d.n_text_ctx, jnp.int32))
         if self.mesh is not None:
             return jax.device_put(slots, self.split)
         return self.place(slots, self.home)  # placed, as every program's outputs are

@@ -49,6 +49,14 @@ class RowOptions(NamedTuple):
     top_k: jax.Array  # int32: among the k likeliest; 0 = off
     top_p: jax.Array  # float32: among the fewest likeliest whose probabilities sum to this; 1 = off
 
+    @classmethod
+    def off(cls, rows: int) -> "RowOptions":
+        """Options of `rows` rows with every rule and filter off (greedy, no timestamps), on the
+        host: those of empty batch slots, and the stand-ins the warm-up compiles with."""
+        return cls(np.zeros(rows, np.float32), np.zeros(rows, bool), np.full(rows, -1, np.int32),
+                   np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
+                   np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32))
+
 
 class RowState(NamedTuple):
     """What the rules need of each row's history, each [batch] unless noted."""
