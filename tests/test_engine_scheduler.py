@@ -451,18 +451,18 @@ def test_a_row_left_alone_past_the_first_block_moves_into_it(tiny_engine):
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_windows_admitted_a_group_at_a_time_fill_the_slots_as_all_at_once(tiny_engine, group):
-    """A large model's admission computes its windows' caches a few at a time (`group_bytes` of
-    cross-attention keys and values), not the whole batch's beside the slots. Three windows (a
-    bucket of four: one row of padding), with copies of the first and the third into further
-    slots, admitted in groups of one or two, leave the slots with the caches, row state,
-    options and first tokens that all at once leaves; and language detection in groups gives
-    the same probabilities."""
+    """An admission computes its windows' caches a few at a time (at most `group_windows`
+    windows and `group_bytes` of cross-attention keys and values), not the whole batch's beside
+    the slots. Three windows (rows of eight, one a slot: five of padding), with copies of the
+    first and the third into further slots, admitted in groups of one or two, leave the slots
+    with the caches, row state, options and first tokens that all at once leaves; and language
+    detection in groups gives the same probabilities."""
     tok, d = tiny_engine.tokenizer, tiny_engine.dims
-    whole = endless(tiny_engine, 8)
+    whole, grouped = endless(tiny_engine, 8), endless(tiny_engine, 8)
     per_window = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * np.dtype(whole.dtype).itemsize
-    grouped = endless(tiny_engine, 8)
-    grouped.group_bytes = group * per_window  # before its programs are first traced
-    assert (whole._group(4), grouped._group(4)) == (4, group)
+    whole.group_windows = grouped.group_windows = 8  # before their programs are first traced
+    grouped.group_bytes = group * per_window
+    assert (whole._group(), grouped._group()) == (8, group)
     features = whole.encode(np.stack([noise(d.n_mels, 120 + i) for i in range(3)]))
     prefixes = [english(tok), english(tok)[:-1], [tok.sot_prev, 300, 301] + english(tok)]
     options = RowOptions(np.array([0.0, 0.8, 0.5], np.float32), np.array([False, True, True]), np.full(3, -1, np.int32),

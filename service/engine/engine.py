@@ -85,13 +85,14 @@ class Engine:
         self.scheduler.close()
 
     def warmup(self) -> None:
-        """Compile every program at every batch and prefix bucket, so no request pays for it."""
+        """Compile every program for every bucket it serves (encoder batch, prefix, context and
+        alignment lengths), so no request pays for it."""
         t0 = time.perf_counter()
         p = self.programs
         p.warmup(self.tokenizer.sot, self.tokenizer.is_multilingual)
         features.window_log_mel(np.zeros((1, N_SAMPLES), np.float32), self.dims.n_mels)
-        log.info("warm-up compiled %d batch, %d prefix, %d context and %d alignment buckets%s in %.1f s",
-                 len(p.batch_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes),
+        log.info("warm-up compiled %d encoder batch, %d prefix, %d context and %d alignment buckets%s in %.1f s",
+                 len(p.encode_sizes), len(p.prefix_sizes), len(p.kv_sizes), len(p.align_sizes),
                  "" if p.lanes is None else " for each CPU lane", time.perf_counter() - t0)
 
     # ---- transcription --------------------------------------------------------------------

@@ -47,9 +47,15 @@ from .dims import N_FRAMES, ModelDimensions
 from .lanes import cpu_lanes
 from .rules import RowOptions, RowState, Vocabulary, choose_tokens, commit_tokens
 
-# The most bytes of cross-attention keys and values an admission or a language detection
-# computes at once (see `Programs._group`).
+# How many windows an admission or a language detection computes at once, at most (see
+# `Programs._group`): the most bytes of their cross-attention keys and values, and the most
+# windows. On CPU one: a window's keys/values are large matrix products already, and a group
+# costs as much as its windows whether they are windows or padding (base, 2 cores: one window
+# admitted in 80 ms, eight in 0.61-0.64 s one at a time, 0.56 s eight at once). An accelerator
+# wants several, to fill it.
 GROUP_BYTES = 1 << 30
+GROUP_WINDOWS = 8
+GROUP_WINDOWS_CPU = 1
 
 
 class Choice(NamedTuple):
@@ -167,6 +173,7 @@ class Programs:
         self._blank = jax.device_put(np.zeros((dims.n_audio_ctx, dims.n_audio_state), self.dtype), self.home)
         self._chunks = chunks
         self.group_bytes = GROUP_BYTES
+        self.group_windows = GROUP_WINDOWS if accelerator else GROUP_WINDOWS_CPU
         self._encode = jax.jit(self._encode_impl)
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
@@ -182,9 +189,11 @@ class Programs:
         """Each window's features an array of its own: windows part ways after encoding."""
         return tuple(model.encode(params, mel, self.dims, self._chunks))
 
-    def _detect_impl(self, params, rows: tuple[jax.Array, ...], sot: jax.Array) -> jax.Array:
+    def _detect_impl(self, params, rows: tuple[jax.Array, ...], windows: jax.Array, sot: jax.Array) -> jax.Array:
+        """The first `windows` of the rows (the others are padding, not computed), a group at a
+        time (see `_group`)."""
         features = jnp.stack(rows)
-        b, g = features.shape[0], self._group(features.shape[0])
+        b, g = features.shape[0], self._group()
 
         def detect(j, probs):  # the rows of group j
             ck, cv = model.cross_kv(params, jax.lax.dynamic_slice_in_dim(features, j * g, g), self.dims)
@@ -195,32 +204,33 @@ class Programs:
             return jax.lax.dynamic_update_slice_in_dim(probs, jax.nn.softmax(logits[:, 0, self.language_ids], axis=-1),
                                                        j * g, 0)
 
-        return jax.lax.fori_loop(0, b // g, detect, jnp.zeros((b, len(self.language_ids)), jnp.float32))
+        return jax.lax.fori_loop(0, (windows + g - 1) // g, detect,
+                                 jnp.zeros((b, len(self.language_ids)), jnp.float32))
 
-    def _group(self, rows: int) -> int:
-        """How many of `rows` windows an admission or a language detection computes at once:
-        the most that divides them whose cross-attention keys and values fit in `group_bytes`
-        (at least one). Computed all at once, a batch's would be the size of the slots' again,
-        and more while XLA computes them (large-v3 in float32: 9.4 GB for 8 windows)."""
+    def _group(self) -> int:
+        """How many windows an admission or a language detection computes at once: the most
+        that divides the slots, is at most `group_windows` and whose cross-attention keys and
+        values fit in `group_bytes` (at least one). Computed all at once, a batch's would be
+        the size of the slots' again, and more while XLA computes them (large-v3 in float32:
+        9.4 GB for 8 windows). Both programs take a row for every slot, the windows first: the
+        number of windows decides how many groups they compute, not which program runs, so
+        one program serves every number of windows."""
         d = self.dims
         per_row = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * jnp.dtype(self.dtype).itemsize
-        most = max(1, self.group_bytes // per_row)
-        return max(g for g in range(1, min(rows, most) + 1) if rows % g == 0)
+        most = max(1, min(self.group_windows, self.group_bytes // per_row))
+        return max(g for g in range(1, min(self.n_slots, most) + 1) if self.n_slots % g == 0)
 
-    def _admit_impl(self, params, slots: Slots, rows: tuple[jax.Array, ...], prefix, length, sot_index, slot_ids,
-                    options: RowOptions, no_speech, copy_rows, copy_slots, copy_options: RowOptions):
-        """Rows 0..k-1 go into slots slot_ids (past the last slot: padding, dropped); the caches
-        of row copy_rows[i] are also written into slot copy_slots[i] (past the last slot: none),
-        which starts as that row does, with options copy_options[i]. The choices: the k rows',
-        then the copies'. The rows are computed a group at a time (see `_group`), each group's
-        caches written into their slots before the next group's are computed; padding rows
-        past the last group that holds a window are not computed."""
+    def _admit_impl(self, params, slots: Slots, rows: tuple[jax.Array, ...], windows, prefix, length, sot_index,
+                    pair_rows, targets, options: RowOptions, no_speech):
+        """The first `windows` rows are windows, the others padding. Each pair i writes the
+        caches of row pair_rows[i] into slot targets[i] (past the last slot: none), which starts
+        as that row does, with options[i], and draws its first token: a window's own slot, and
+        those of its copies (beams, best-of's samples). The choices are the pairs'. The rows are
+        computed a group at a time (see `_group`), each group's caches written into their slots
+        before the next group's are computed; padding rows past the last group that holds a
+        window are not computed."""
         features = jnp.stack(rows)
-        k, g = features.shape[0], self._group(features.shape[0])
-        # Every (row, slot) pair: the rows' own slots, then the copies, which start as their row
-        # does and draw from its logits with their own options (one choice over all of them).
-        pair_rows = jnp.concatenate([jnp.arange(k, dtype=jnp.int32), copy_rows])
-        targets = jnp.concatenate([slot_ids, copy_slots])
+        k, g = features.shape[0], self._group()
         logit_index = jnp.stack([sot_index, length - 1], axis=1)
 
         def admit(j, carry):  # the rows of group j
@@ -239,7 +249,6 @@ class Programs:
                 jax.lax.dynamic_index_in_dim(r, sources[i], keepdims=False) for r in new_rows))
             return cache, jax.lax.dynamic_update_slice_in_dim(logits, group_logits, j * g, 0)
 
-        windows = jnp.sum(slot_ids < self.n_slots)
         cache, logits = jax.lax.fori_loop(0, (windows + g - 1) // g, admit, (
             slots.cache, jnp.zeros((k, 2, self.dims.n_vocab), jnp.float32)))
         no_speech_prob = jax.nn.softmax(logits[:, 0], axis=-1)[:, no_speech]
@@ -253,7 +262,6 @@ class Programs:
             seen=seen,
         )
         state = RowState(*(x[pair_rows] for x in state))
-        options = RowOptions(*(jnp.concatenate(pair) for pair in zip(options, copy_options)))
         choice = choose_tokens(logits[pair_rows, 1], state, options, self.vocab)
         put = lambda big, small: big.at[targets].set(small, mode="drop")  # noqa: E731
         slots = Slots(cache, RowState(*map(put, slots.state, state)), RowOptions(*map(put, slots.options, options)),
@@ -368,15 +376,12 @@ class Programs:
                  for device in self.encode_devices for size in self.encode_sizes]
         for device in self.decode_devices:
             on_device = self.place(slots, device)
-            for size in self.batch_sizes:
-                feats = [self._blank] * size
-                if detect_language:
-                    calls.append(self._detect_call(feats, sot, device))
-                options = RowOptions.off(size)
-                for width in self.prefix_sizes:
-                    prefixes = [[sot] * min(width, d.n_text_ctx)] * size
-                    calls.append(self._admit_call(on_device, feats, prefixes, [0] * size, list(range(size)), options,
-                                                  0, device)[0])
+            if detect_language:
+                calls.append(self._detect_call([self._blank], sot, device))
+            for width in self.prefix_sizes:
+                prefixes = [[sot] * min(width, d.n_text_ctx)]
+                calls.append(self._admit_call(on_device, [self._blank], prefixes, [0], [0], RowOptions.off(1), 0,
+                                              device))
             calls.append(self._move_call(on_device, []))
             tokens = np.zeros(self.n_slots, np.int32)
             for rows in np.cumsum(self.blocks)[:-1]:  # fewer blocks than all: one length
@@ -428,8 +433,8 @@ class Programs:
         return np.asarray(self._detect_call(features, sot, device)())[: len(features)]
 
     def _detect_call(self, features: list[jax.Array], sot: int, device: jax.Device | None) -> Call:
-        rows = self.place(self._rows(features, bucket(len(features), self.batch_sizes)), device)
-        return Call(self._detect, (self._params_on[device], rows, np.int32(sot)), {})
+        rows = self.place(self._rows(features, self.n_slots), device)
+        return Call(self._detect, (self._params_on[device], rows, np.int32(len(features)), np.int32(sot)), {})
 
     def admit(self, slots: Slots, features: list[jax.Array], prefixes: list[list[int]], sot_index: list[int],
               slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None = None,
@@ -438,38 +443,39 @@ class Programs:
         `copies`: (row, slot) pairs: the slot also gets the row's caches (cross keys/values and
         prefilled self-attention cache) and starts as the row does, with the options of
         `copy_options` (one per copy); their first tokens follow the k rows' in the Choice."""
-        call, size = self._admit_call(slots, features, prefixes, sot_index, slot_ids, options, no_speech, device,
-                                      copies, copy_options)
+        call = self._admit_call(slots, features, prefixes, sot_index, slot_ids, options, no_speech, device, copies,
+                                copy_options)
         slots, choice, no_speech_prob = call()
-        k = len(prefixes)
-        picked = np.r_[:k, size : size + len(copies)]  # the rows', then the copies'
-        return slots, Choice(*(np.asarray(c)[picked] for c in choice)), np.asarray(no_speech_prob)[:k]
+        pairs = len(prefixes) + len(copies)
+        return slots, Choice(*(np.asarray(c)[:pairs] for c in choice)), np.asarray(no_speech_prob)[: len(prefixes)]
 
     def _admit_call(self, slots: Slots, features: list[jax.Array], prefixes: list[list[int]], sot_index: list[int],
                     slot_ids: list[int], options: RowOptions, no_speech: int, device: jax.Device | None,
-                    copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None) -> tuple[Call, int]:
-        """The admission's Call, and its batch bucket."""
-        k = len(prefixes)
-        size = bucket(k, self.batch_sizes)
+                    copies: list[tuple[int, int]] = (), copy_options: RowOptions | None = None) -> Call:
+        """The admission's Call: a row for every slot, the windows' first, and a pair for every
+        slot: the windows' own, then the copies' (the others write nowhere)."""
+        k, n = len(prefixes), self.n_slots
         width = bucket(max(map(len, prefixes)), self.prefix_sizes)
-        prefix = np.zeros((size, width), np.int32)
+        prefix = np.zeros((n, width), np.int32)
         for i, p in enumerate(prefixes):
             prefix[i, : len(p)] = p
-        length = np.ones(size, np.int32)
+        length = np.ones(n, np.int32)
         length[:k] = [len(p) for p in prefixes]
-        sot = np.zeros(size, np.int32)
+        sot = np.zeros(n, np.int32)
         sot[:k] = sot_index
-        ids = np.full(size, self.n_slots, np.int32)  # padding rows write past the end: dropped
-        ids[:k] = slot_ids
-        options = RowOptions(*(self._pad_rows(np.asarray(o), size) for o in options))
-        pairs = self._slot_pairs(copies)
+        pair_rows = np.zeros(n, np.int32)
+        targets = np.full(n, n, np.int32)  # past the last slot: none
+        pair_rows[:k], targets[:k] = np.arange(k), slot_ids
+        if copies:
+            pair_rows[k : k + len(copies)], targets[k : k + len(copies)] = np.asarray(copies, np.int32).T
         if copy_options is None:
-            copy_options = RowOptions(*(o[:0] for o in options))
-        copy_options = RowOptions(*(self._pad_rows(np.asarray(o), self.n_slots) for o in copy_options))
+            copy_options = RowOptions.off(len(copies))
+        # Pairs that write nowhere draw with every option off (a filter would search for them).
+        options = RowOptions(*(np.concatenate([np.asarray(o), np.asarray(c), p]) for o, c, p in
+                               zip(options, copy_options, RowOptions.off(n - k - len(copies)))))
         return Call(self._admit, (
-            self._params_on[device], self.place(slots, device), self.place(self._rows(features, size), device),
-            prefix, length, sot, ids, options, np.int32(no_speech), np.minimum(pairs[0], size - 1), pairs[1],
-            copy_options), {}), size
+            self._params_on[device], self.place(slots, device), self.place(self._rows(features, n), device),
+            np.int32(k), prefix, length, sot, pair_rows, targets, options, np.int32(no_speech)), {})
 
     def move(self, slots: Slots, moves: list[tuple[int, int]], device: jax.Device | None = None) -> Slots:
         """`moves`: (from, to) pairs of slots: each `to` (a free slot) takes over its `from`'s
