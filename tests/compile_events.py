@@ -9,7 +9,8 @@ import jax
 # Recorded (with the program's name) for every program compiled, or read from the disk cache.
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # The engine's programs (service/engine/programs.py), as JAX names them.
-PROGRAMS = {"jit(_encode_impl)", "jit(_detect_impl)", "jit(_admit_impl)", "jit(_step_impl)", "jit(_move_impl)"}
+PROGRAMS = {"jit(_encode_impl)", "jit(_detect_impl)", "jit(_admit_impl)", "jit(_step_impl)", "jit(_move_impl)",
+            "jit(_reorder_impl)"}
 
 
 @contextmanager

@@ -524,9 +524,9 @@ def test_best_of_samples_share_one_admission_and_each_draws_as_alone(tiny_engine
 @pytest.mark.parametrize("lanes", ["on", "off"])
 def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, lanes):
     """Every program a scheduler runs (language detection, admissions, steps fed by the host and
-    queued ones, over any number of blocks, a move into a lower slot) was compiled by the
-    warm-up, which compiles without running: no request waits on the compiler (nor on the disk
-    cache of compiled programs)."""
+    queued ones, over any number of blocks, a move into a lower slot, a beam search's
+    reordering) was compiled by the warm-up, which compiles without running: no request waits
+    on the compiler (nor on the disk cache of compiled programs)."""
     monkeypatch.setenv(SWITCH, lanes)
     tok = tiny_engine.tokenizer
     programs = endless(tiny_engine, 3)
@@ -547,6 +547,9 @@ def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, la
             rest = [scheduler.submit(DecodeJob(Window(noise(n_mels, 72 + i)), english(tok), 0, timestamps=False,
                                                sample_len=5 + 20 * i)) for i in range(3)]
             assert [len(f.result(timeout=300).tokens) for f in [first, *rest]] == [30, 5, 25, 45]
+            beams = scheduler.submit(DecodeJob(Window(noise(n_mels, 75)), english(tok), 0, timestamps=False,
+                                               sample_len=12, beam_size=3))
+            assert len(beams.result(timeout=300).tokens) == 12
         finally:
             scheduler.close()
         serving = list(compiled)

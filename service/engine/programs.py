@@ -14,8 +14,9 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
   (a best-of sample draws it with its own key).
 - `move`: slots take over others' caches, state and options (live rows gather in the first
   blocks when the slots before them have been freed).
-- `step`: feed every slot the token the host decided for it (optionally reordering rows first,
-  for beam search) and choose the next: the one compiled decode step.
+- `step`: feed every slot the token the host decided for it and choose the next: the one
+  compiled decode step. Beam search reorders rows first (`reorder`: a beam takes over the
+  hypothesis it continues).
 
 The slots' caches are cut into blocks of 1, 3, 12, ... rows (model.py), and a step is
 compiled for each number of leading blocks: it computes the rows of the blocks that hold live
@@ -177,7 +178,8 @@ class Programs:
         self._encode = jax.jit(self._encode_impl)
         self._detect = jax.jit(self._detect_impl)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
-        self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("reorder", "kv_len"))
+        self._step = jax.jit(self._step_impl, donate_argnums=(2,), static_argnames=("kv_len",))
+        self._reorder = jax.jit(self._reorder_impl, donate_argnums=(0,), static_argnames=("kv_len",))
         self._move = jax.jit(self._move_impl, donate_argnums=(0,))
         self.alignment_heads = list(alignment_heads)
         self.align_sizes = (64, dims.n_text_ctx // 2 + 8, dims.n_text_ctx)
@@ -314,31 +316,36 @@ class Programs:
         return Slots(self._write_rows(slots.cache, targets, read), RowState(*map(take, slots.state)),
                      RowOptions(*map(take, slots.options)), take(slots.position))
 
-    def _step_impl(self, params, cross, moving, tokens, source, candidates, reorder: bool, kv_len: int):
+    def _reorder_impl(self, moving, source, kv_len: int):
+        """Row i takes the self-attention cache, state, options and position of row source[i]
+        (a beam takes over the hypothesis it continues; beams of one window share its audio,
+        so the cross cache needs no reordering). `moving` is donated and updated in place. Only
+        the first kv_len cache positions are moved: no live row has keys past them, and every
+        later position is written before it is read. A program of its own rather than a
+        variant of each step: each compiled program holds its XLA module in memory, and a
+        step's is several times this one's."""
+        self_k, self_v, state, options, position = moving
+        sizes = [blk.shape[0] for blk in self_k[0]]
+        take = lambda x: jnp.take(x, source, axis=0)  # noqa: E731
+
+        def take_rows(blocks):
+            moved = model.split_rows(take(model.join_rows([b[:, :, :kv_len] for b in blocks])), sizes)
+            return tuple(b.at[:, :, :kv_len].set(m) for b, m in zip(blocks, moved))
+
+        return (tuple(map(take_rows, self_k)), tuple(map(take_rows, self_v)), RowState(*map(take, state)),
+                RowOptions(*map(take, options)), take(position))
+
+    def _step_impl(self, params, cross, moving, tokens, candidates, kv_len: int):
         """`cross` (keys/values) is only read; `moving` (self-attention cache, row state and
         options, positions) is donated and updated in place. Passing the large cross cache
         through as an output would make XLA copy it at every step. The caches given are the
         first blocks: the step computes their rows (the first r), the others keep their state,
-        and the proposals of rows past r are zeros. With `reorder`, row i first takes the
-        cache, state and options of row source[i] (a beam takes over the one it continues;
-        beams of one window share its audio, so the cross cache needs no reordering). Only
-        the first kv_len cache positions are moved: no live row has keys past them, and every
-        later position is written before it is read."""
+        and the proposals of rows past r are zeros. Self-attention reads the first kv_len cache
+        positions."""
         (cross_k, cross_v), (self_k, self_v, state, options, position) = cross, moving
-        sizes = [blk.shape[0] for blk in self_k[0]]
-        r = sum(sizes)
+        r = sum(blk.shape[0] for blk in self_k[0])
         head = lambda x: x[:r]  # noqa: E731
         live_state, live_options, live_position = RowState(*map(head, state)), RowOptions(*map(head, options)), position[:r]
-        if reorder:
-            take = lambda x: jnp.take(x, source[:r], axis=0)  # noqa: E731
-
-            def take_live(blocks):
-                moved = model.split_rows(take(model.join_rows([b[:, :, :kv_len] for b in blocks])), sizes)
-                return tuple(b.at[:, :, :kv_len].set(m) for b, m in zip(blocks, moved))
-
-            self_k, self_v = tuple(map(take_live, self_k)), tuple(map(take_live, self_v))
-            live_state, live_options = RowState(*map(take, live_state)), RowOptions(*map(take, live_options))
-            live_position = take(live_position)
         live_state = commit_tokens(live_state, tokens[:r], self.vocab)
         cache = model.KVCache(self_k, self_v, cross_k, cross_v)
         logits, cache = model.decode(params, tokens[:r, None], live_position, cache, jnp.zeros((r, 1), jnp.int32),
@@ -386,10 +393,9 @@ class Programs:
             tokens = np.zeros(self.n_slots, np.int32)
             for rows in np.cumsum(self.blocks)[:-1]:  # fewer blocks than all: one length
                 calls.append(self._step_call(on_device, tokens, rows=int(rows), device=device)[0])
-            for length in self.kv_sizes:  # all blocks, and the reordering step of beam search
+            for length in self.kv_sizes:  # all blocks, and beam search's reordering
                 calls.append(self._step_call(on_device, tokens, length=length, device=device)[0])
-                calls.append(self._step_call(on_device, tokens, np.arange(self.n_slots), length=length,
-                                             device=device)[0])
+                calls.append(self._reorder_call(on_device, np.arange(self.n_slots), length))
         if self.alignment_heads:  # word timestamps
             calls += [self._align_call(self._blank, [sot] * width) for width in self.align_sizes]
         with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 1, 4), thread_name_prefix="warmup") as pool:
@@ -519,20 +525,23 @@ class Programs:
     def step(self, slots: Slots, tokens: np.ndarray, source: np.ndarray | None = None,
              length: int | None = None, candidates: bool = True, rows: int | None = None,
              device: jax.Device | None = None) -> tuple[Slots, "Choice"]:
-        """Feed `tokens` [slots] (after taking row source[i] into row i, when given). `length`:
-        the longest sequence of a live row once these tokens are in (default: the context).
-        `candidates`: also propose each row's top tokens (beam search needs them). `rows`: the
-        slots below it are the live ones (default: all); the step computes the blocks that hold
-        them (all of them to reorder). Fewer blocks than all read the whole self-attention
-        cache, whatever `length`: for a few rows it is little beside the weights and the
-        cross-attention caches, and lengths for each number of blocks would multiply the
-        programs to compile. `device`: one of `decode_devices`, where the slots are (see
+        """Feed `tokens` [slots] (after taking row source[i] into row i, when given: see
+        `_reorder_impl`). `length`: the longest sequence of a live row once these tokens are in
+        (default: the context). `candidates`: also propose each row's top tokens (beam search
+        needs them). `rows`: the slots below it are the live ones (default: all); the step
+        computes the blocks that hold them. Fewer blocks than all read the whole
+        self-attention cache, whatever `length`: for a few rows it is little beside the weights
+        and the cross-attention caches, and lengths for each number of blocks would multiply
+        the programs to compile. `device`: one of `decode_devices`, where the slots are (see
         `place`).
 
         Returns at once: the Choice holds device arrays, `fetch()` waits for them. `tokens` may
         be the device array of the previous step's choice, so the next step can be queued
         before the host has seen the last one's tokens."""
-        call, n = self._step_call(slots, tokens, source, length, candidates, rows, device)
+        if source is not None:
+            self_k, self_v, state, options, position = self._reorder_call(slots, source, length)()
+            slots = Slots(slots.cache._replace(self_k=self_k, self_v=self_v), state, options, position)
+        call, n = self._step_call(slots, tokens, length, candidates, rows, device)
         (self_k, self_v, state, options, position), choice = call()
         c = slots.cache
         rest = lambda new, old: tuple(a + b[n:] for a, b in zip(new, old))  # noqa: E731
@@ -540,21 +549,27 @@ class Programs:
                       state, options, position)
         return slots, Choice(*choice)
 
-    def _step_call(self, slots: Slots, tokens: np.ndarray | jax.Array, source: np.ndarray | None = None,
-                   length: int | None = None, candidates: bool = True, rows: int | None = None,
+    def _kv_len(self, length: int | None) -> int:
+        """The cache positions a step over every block reads: `length` (default: the context),
+        rounded up to a bucket."""
+        return bucket(min(length or self.dims.n_text_ctx, self.dims.n_text_ctx), self.kv_sizes)
+
+    def _reorder_call(self, slots: Slots, source: np.ndarray, length: int | None = None) -> Call:
+        c = slots.cache
+        return Call(self._reorder, ((c.self_k, c.self_v, slots.state, slots.options, slots.position),
+                                    np.asarray(source, np.int32)), dict(kv_len=self._kv_len(length)))
+
+    def _step_call(self, slots: Slots, tokens: np.ndarray | jax.Array, length: int | None = None,
+                   candidates: bool = True, rows: int | None = None,
                    device: jax.Device | None = None) -> tuple[Call, int]:
         """The step's Call, and the number of blocks it computes."""
         c = slots.cache
-        reorder = source is not None
-        n = len(self.blocks) if reorder or rows is None else self.blocks_holding(rows)
+        n = len(self.blocks) if rows is None else self.blocks_holding(rows)
         first = lambda layers: tuple(blocks[:n] for blocks in layers)  # noqa: E731
         moving = (first(c.self_k), first(c.self_v), slots.state, slots.options, slots.position)
-        src = np.asarray(source if reorder else np.arange(self.n_slots), np.int32)
-        kv_len = self.kv_sizes[-1] if n < len(self.blocks) else bucket(min(length or self.dims.n_text_ctx,
-                                                                           self.dims.n_text_ctx), self.kv_sizes)
+        kv_len = self.kv_sizes[-1] if n < len(self.blocks) else self._kv_len(length)
         return Call(self._step, (self._params_on[device], (first(c.cross_k), first(c.cross_v)), moving,
-                                 self._feed(tokens, device), src, np.bool_(candidates)),
-                    dict(reorder=reorder, kv_len=kv_len)), n
+                                 self._feed(tokens, device), np.bool_(candidates)), dict(kv_len=kv_len)), n
 
     def _feed(self, tokens: np.ndarray | jax.Array, device: jax.Device | None) -> jax.Array:
         """A step's tokens, placed as the last step's choice is (which a queued step is fed):
