@@ -156,15 +156,15 @@ class Programs:
         # On a mesh the slots are split over the devices: one block.
         self.blocks = slot_blocks(n_slots) if self.mesh is None else (n_slots,)
         self.dtype = params["decoder"]["token_embedding"]["kernel"].dtype
-        self.batch_sizes = batch_buckets(n_slots)
+        batch_sizes = batch_buckets(n_slots)
         # On CPU the encoder is fastest one window at a time and its attention one head at a time
         # (activations and scores stay in cache: a sixth less time than all eight heads of base).
         if accelerator is None:
             accelerator = jax.default_backend() != "cpu"
         if self.mesh is not None:  # windows split over the devices, each encoding its own share
-            self.encode_sizes = tuple(n for n in self.batch_sizes if n % self.mesh.size == 0)
+            self.encode_sizes = tuple(n for n in batch_sizes if n % self.mesh.size == 0)
         else:
-            self.encode_sizes = self.batch_sizes if accelerator else (1,)
+            self.encode_sizes = batch_sizes if accelerator else (1,)
         chunks = model.Chunks() if accelerator else model.Chunks(heads=1, queries=None)
         self.prefix_sizes = (8, 64, dims.n_text_ctx // 2 + 8)
         # How much of the self-attention cache a step reads: the longest live sequence, rounded up.
