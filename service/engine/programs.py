@@ -15,8 +15,8 @@ one `Slots` tuple that each program takes and returns (donated, so updated in pl
 - `move`: slots take over others' caches, state and options (live rows gather in the first
   blocks when the slots before them have been freed).
 - `step`: feed every slot the token the host decided for it and choose the next: the one
-  compiled decode step. Beam search reorders rows first (`reorder`: a beam takes over the
-  hypothesis it continues).
+  compiled decode step. For beam search, a program of its own first reorders the rows (a beam
+  takes over the hypothesis it continues).
 
 The slots' caches are cut into blocks of 1, 3, 12, ... rows (model.py), and a step is
 compiled for each number of leading blocks: it computes the rows of the blocks that hold live

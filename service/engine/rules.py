@@ -52,7 +52,8 @@ class RowOptions(NamedTuple):
     @classmethod
     def off(cls, rows: int) -> "RowOptions":
         """Options of `rows` rows with every rule and filter off (greedy, no timestamps), on the
-        host: those of empty batch slots, and the stand-ins the warm-up compiles with."""
+        host: those of empty batch slots, of an admission's pairs that write nowhere, and the
+        stand-ins the warm-up compiles with."""
         return cls(np.zeros(rows, np.float32), np.zeros(rows, bool), np.full(rows, -1, np.int32),
                    np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
                    np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32))
