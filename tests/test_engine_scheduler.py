@@ -132,6 +132,51 @@ def test_a_fault_in_the_bookkeeping_fails_the_calls_it_holds_and_the_scheduler_s
         scheduler.close()
 
 
+def test_a_device_error_while_the_decoder_encodes_leaves_the_queued_windows_to_be_encoded(tiny_engine, monkeypatch):
+    """With CPU lanes, the decode thread encodes a window itself while the encoder is busy, after
+    deciding on its queued step. When that decision fails (a device error surfaces there), the
+    window it had taken goes back to the encoder's queue, and its job is decoded."""
+    monkeypatch.setenv(SWITCH, "on")
+    tok = tiny_engine.tokenizer
+    n_mels = tiny_engine.dims.n_mels
+    taken: list[list[Window]] = []
+    failed: list[bool] = []
+    next_work, settle, encode = DecodeScheduler._next_work, DecodeScheduler._settle, DecodeScheduler._encode
+
+    # Patched on the class: the scheduler's threads are waiting in these methods as soon as it exists.
+    def watched_next_work(self):
+        work = next_work(self)
+        if work is not None and work[1] and not taken:
+            taken.append(work[1])
+            return (True, *work[1:])  # decide on a step first, which fails
+        return work
+
+    def failing_settle(self):
+        if taken and not failed:
+            failed.append(True)
+            raise RuntimeError("a device error")
+        settle(self)
+
+    def slow_encoder(self, chunk, device, by_encoder=False):  # the encoder stays busy while the decoder helps
+        if by_encoder:
+            time.sleep(1.0)
+        encode(self, chunk, device, by_encoder)
+
+    monkeypatch.setattr(DecodeScheduler, "_next_work", watched_next_work)
+    monkeypatch.setattr(DecodeScheduler, "_settle", failing_settle)
+    monkeypatch.setattr(DecodeScheduler, "_encode", slow_encoder)
+    scheduler = DecodeScheduler(endless(tiny_engine, 2), tok)
+    try:
+        assert scheduler.programs.lanes is not None
+        with scheduler._cv:  # all three queued at once: the encoder takes the first, the decoder the second
+            jobs = [scheduler.submit(DecodeJob(Window(noise(n_mels, 68 + i)), english(tok), 0, timestamps=False,
+                                               sample_len=3)) for i in range(3)]
+        assert [len(job.result(timeout=60).tokens) for job in jobs] == [3, 3, 3]
+        assert taken and failed, "the decode thread never encoded a window itself"
+    finally:
+        scheduler.close()
+
+
 def test_the_encoder_reads_at_most_one_batch_ahead(one_slot, tiny_engine):
     scheduler, prefix = one_slot
     n_mels = tiny_engine.dims.n_mels

@@ -229,6 +229,14 @@ class DecodeScheduler:
         self._started.update(chunk)
         return chunk
 
+    def _requeue(self, windows: list[Window]) -> None:
+        """Windows taken to be encoded and not encoded go back to the front of the encoder's queue:
+        their jobs, still queued, would otherwise wait for them forever."""
+        with self._cv:
+            self._started.difference_update(windows)
+            self._to_encode.extendleft(reversed(windows))
+            self._cv.notify_all()
+
     def _forget_cancelled(self) -> None:  # with self._cv held
         """Queued jobs of cancelled calls end now, and windows that nothing waits for any more leave
         the encoder's queue: a long file's call cancelled midway does not keep the encoder busy."""
@@ -297,6 +305,7 @@ class DecodeScheduler:
                         d.future.set_exception(e)
                 self._fail_rows(e, admitted)
                 self._slots, self._queued = None, None
+                self._requeue([w for w in to_encode if not w.encoded])
 
     def _next_work(self) -> tuple | None:  # with self._cv held
         """Waits for work; returns what to do next (None: the scheduler is closed)."""
