@@ -11,6 +11,7 @@ import whisper
 
 from audio_signals import speechlike
 from service.engine import TranscribeOptions
+from service.engine.alignment import align_words
 
 
 def mel(engine, seed: int) -> np.ndarray:
@@ -258,10 +259,20 @@ def test_cancelled_transcription_stops_and_the_engine_serves_on(tiny_engine):
     (TranscribeOptions(top_k=0), "top_k"),
     (TranscribeOptions(top_p=0.0), "top_p"),
     (TranscribeOptions(min_p=1.5), "min_p"),
+    (TranscribeOptions(max_initial_timestamp=1e9), "max_initial_timestamp"),
+    (TranscribeOptions(max_initial_timestamp=-1.0), "max_initial_timestamp"),
 ])
 def test_bad_options_name_the_field(tiny_engine, options, field):
     with pytest.raises(ValueError, match=field):
         tiny_engine.transcribe(speechlike(1.0), options)
+
+
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+@pytest.mark.parametrize("audio", [np.zeros(0, np.float32), [], [np.zeros(0, np.float32)] * 2],
+                         ids=["empty-array", "no-pieces", "empty-pieces"])
+def test_audio_without_samples_is_refused_in_either_mode(tiny_engine, mode, audio):
+    with pytest.raises(ValueError, match="the audio holds no samples"):
+        tiny_engine.transcribe(audio, TranscribeOptions(language="en", mode=mode))
 
 
 def test_a_window_of_the_wrong_shape_is_refused_and_the_engine_serves_on(tiny_engine):
@@ -288,6 +299,27 @@ def test_batched_word_timestamps_are_timed_within_their_window(tiny_engine):
             assert window_start - 1e-6 <= w.start <= w.end <= min(window_start + 30.0, 50.0) + 1e-6
             assert 0.0 <= w.probability <= 1.0
         assert [w.start for w in s.words] == sorted(w.start for w in s.words)
+
+
+@pytest.mark.parametrize("frames", [3000, 1])
+def test_words_are_timed_for_the_longest_text_a_window_holds(tiny_engine, frames):
+    """A window decoded to the end of the text context holds n_text_ctx - len(sot sequence) - 1
+    text tokens after its first timestamp; a window of one mel frame (a file's last 10 ms) has
+    no audio position of its own. Both still get a timing for every word, in order."""
+    tok = tiny_engine.tokenizer
+    sot = tok.sot_sequence("en", "transcribe")
+    n_text = tiny_engine.dims.n_text_ctx - len(sot) - 1
+    text = (tok.encode(" the quick brown fox jumps over the lazy dog") * 100)[:n_text]
+    features = tiny_engine.programs.encode(mel(tiny_engine, 10)[None])[0]
+    timings = align_words(tiny_engine.programs, tok, features, sot, text, frames, "en")
+    assert "".join(t.word for t in timings) == tok.decode(text)
+    assert [tok for t in timings for tok in t.tokens] == text
+    assert all(0.0 <= t.start <= t.end <= 30.0 for t in timings)
+    assert [t.start for t in timings] == sorted(t.start for t in timings)
+    if frames == 1:
+        assert all(t.start == t.end == 0.0 for t in timings)
+    else:
+        assert timings[-1].end > 1.0
 
 
 def test_best_of_sampling_is_reproducible_and_keeps_the_likeliest(tiny_engine):

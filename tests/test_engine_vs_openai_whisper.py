@@ -1,8 +1,10 @@
 """Decoding equals openai-whisper's `decode()` and `transcribe()` on the same random weights."""
 from __future__ import annotations
 
+import copy
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -142,6 +144,55 @@ def test_beam_search_equals_openai_whisper(pair, case):
     assert ours.tokens == ref.tokens
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
     assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def ending_pair(tiny_model, model_root):
+    """(our engine, openai-whisper model) on tiny_model's weights with end-of-text's embedding made
+    1.02 times that of the token they decode to most (7403): random weights otherwise never end a
+    sequence, and beam search's finished hypotheses, patience among them, go untested."""
+    hf = copy.deepcopy(tiny_model[1])
+    with torch.no_grad():
+        embedding = hf.model.decoder.embed_tokens.weight  # the output projection's too
+        embedding[50257] = 1.02 * embedding[7403]
+    out = model_root / "ending"
+    hf.save_pretrained(out)
+    for f in tiny_model[0].glob("*token*"):
+        shutil.copy(f, out / f.name)
+    engine = Engine.load(str(out), max_batch=8)
+    yield engine, openai_model(hf)[0]
+    engine.close()
+
+
+# On these weights, English without timestamps repeats one token to the limit at every seed tried.
+@pytest.mark.parametrize("case", [case for case in BEAM_CASES if case != "transcribe-beam5-no-timestamps"])
+def test_beam_search_whose_hypotheses_end_equals_openai_whisper(ending_pair, case):
+    engine, om = ending_pair
+    kw = dict(BEAM_CASES[case])
+    mel = window_mel(engine.dims.n_mels, seed=len(case))
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, temperature=0.0, **kw))
+    ours, _ = engine.decode(mel, TranscribeOptions(
+        task=kw["task"], language=kw["language"], temperatures=(0.0,), beam_size=kw["beam_size"],
+        patience=kw.get("patience"), length_penalty=kw.get("length_penalty"),
+        timestamps=not kw.get("without_timestamps", False)))
+    assert 0 < len(ref.tokens) < 224  # ended
+    assert ours.tokens == ref.tokens
+    assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_single_beam_with_patience_is_a_beam_search_as_openai_whisper(ending_pair, seed):
+    """openai-whisper searches with one beam, past its first ending, when patience asks for more
+    than one; greedy decoding stops at that ending."""
+    engine, om = ending_pair
+    mel = window_mel(engine.dims.n_mels, seed=seed)
+    greedy = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, language="en"))
+    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, language="en", beam_size=1,
+                                                                            patience=3.0))
+    assert ref.tokens != greedy.tokens
+    ours, _ = engine.decode(mel, TranscribeOptions(language="en", temperatures=(0.0,), beam_size=1, patience=3.0))
+    assert ours.tokens == ref.tokens
+    assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
 
 
 def test_beam_size_1_is_greedy(pair):

@@ -116,31 +116,51 @@ def _split_on_characters(tokenizer: WhisperTokenizer, tokens: list[int]) -> tupl
     return words, word_tokens
 
 
+def align_words(programs, tokenizer: WhisperTokenizer, features, sot_sequence: list[int], text_tokens: list[int],
+                num_frames: int, language: str) -> list[WordTiming]:
+    """Word timings of one window's text tokens, its first `num_frames` mel frames being audio.
+
+    As openai-whisper, the tokens fed are sot, no-timestamps, the text and end-of-text. A window
+    decoded to the end of the text context holds one token too many for that: end-of-text is
+    then left out (openai-whisper fails there). Its position is only one of the rows each head's
+    weights are normalised over; no word's timing is read from it."""
+    if not text_tokens:
+        return []
+    tokens = sot_sequence + [tokenizer.no_timestamps] + text_tokens + [tokenizer.eot]
+    scores, probs = programs.align(features, tokens[: programs.dims.n_text_ctx])
+    return find_alignment(scores, probs, tokenizer, len(sot_sequence), text_tokens, num_frames, language)
+
+
 def find_alignment(scores: np.ndarray, probs: np.ndarray, tokenizer: WhisperTokenizer, sot_length: int,
                    text_tokens: list[int], num_frames: int, language: str, medfilt_width: int = 7) -> list[WordTiming]:
     """Word timings from the alignment heads' scores [heads, tokens, n_audio_ctx] and the token
-    probabilities of the teacher-forced sequence sot, no-timestamps, text, end-of-text."""
+    probabilities of the teacher-forced sequence sot, no-timestamps, text, end-of-text (left out
+    where it does not fit)."""
     if not text_tokens:
         return []
     text_probs = probs[sot_length : sot_length + len(text_tokens), : tokenizer.eot]
     text_probs = text_probs / text_probs.sum(axis=-1, keepdims=True)  # a softmax over the text tokens only
     token_probs = text_probs[np.arange(len(text_tokens)), text_tokens]
 
-    weights = scores[:, :, : num_frames // 2].astype(np.float32)
-    weights = np.exp(weights - weights.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):  # one token: no spread; NaN, as the reference
-        weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
-    weights = median_filter(weights, medfilt_width)
-    matrix = weights.mean(axis=0)[sot_length:-1]
-    text_indices, time_indices = dtw(-matrix)
-
     words, word_tokens = split_words(tokenizer, text_tokens + [tokenizer.eot], language)
     if len(word_tokens) <= 1:
         return []
     boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
-    jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
-    jump_times = time_indices[jumps] / TOKENS_PER_SECOND
+    if num_frames // 2 == 0:
+        # A window of a single mel frame (a file's last 10 ms) has no audio position of its own:
+        # its words are timed at its start (openai-whisper's path leaves the audio, at -0.02 s).
+        jump_times = np.zeros(len(text_tokens) + 1)
+    else:
+        weights = scores[:, :, : num_frames // 2].astype(np.float32)
+        weights = np.exp(weights - weights.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):  # one token: no spread; NaN, as the reference
+            weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
+        weights = median_filter(weights, medfilt_width)
+        matrix = weights.mean(axis=0)[sot_length : sot_length + len(text_tokens) + 1]  # no-timestamps, text
+        text_indices, time_indices = dtw(-matrix)
+        jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
+        jump_times = time_indices[jumps] / TOKENS_PER_SECOND
     starts, ends = jump_times[boundaries[:-1]], jump_times[boundaries[1:]]
     return [WordTiming(w, t, float(s), float(e), float(np.mean(token_probs[i:j])))
             for w, t, s, e, i, j in zip(words, word_tokens, starts, ends, boundaries[:-1], boundaries[1:])]
@@ -171,9 +191,10 @@ def merge_punctuations(alignment: list[WordTiming]) -> None:
 
 
 def add_word_timestamps(segments: list[RawSegment], alignment: list[WordTiming], eot: int, time_offset: float,
-                        last_speech_timestamp: float) -> float:
-    """Give each segment its words, trimming implausibly long first/last words and moving the
-    segment's bounds to its words'. Returns the new last speech timestamp."""
+                        last_speech_timestamp: float) -> None:
+    """Give each segment its words, trimming implausibly long first/last words (a first word long
+    after `last_speech_timestamp`, the end of speech before these segments) and moving the
+    segment's bounds to its words'."""
     durations = np.array([t.end - t.start for t in alignment])
     durations = durations[durations.nonzero()]
     median_duration = min(0.7, float(np.median(durations))) if len(durations) else 0.0
@@ -216,4 +237,8 @@ def add_word_timestamps(segments: list[RawSegment], alignment: list[WordTiming],
                 segment.end = last.end
             last_speech_timestamp = segment.end
         segment.words = words
-    return last_speech_timestamp
+
+
+def last_end(segments: list[RawSegment]) -> float | None:
+    """openai-whisper's `get_end`: the end of the last word, else of the last segment."""
+    return next((w.end for s in reversed(segments) for w in reversed(s.words)), segments[-1].end if segments else None)

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from . import features, weights
-from .alignment import add_word_timestamps, alignment_heads, find_alignment
+from .alignment import add_word_timestamps, align_words, alignment_heads, last_end
 from .dims import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SECONDS_PER_TOKEN, ModelDimensions
 from .programs import Programs
 from .results import Segment, TranscribeOptions, Transcription
@@ -32,6 +32,7 @@ from .windows import cut_windows
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+NO_SAMPLES = "the audio holds no samples"
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
@@ -117,7 +118,10 @@ class Engine:
         if isinstance(audio, np.ndarray):
             audio = [audio.astype(np.float32, copy=False).reshape(-1)]
         if options.mode == "sequential":
-            return run.sequential(np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in run.read(audio)]))
+            samples = [np.asarray(a, np.float32).reshape(-1) for a in run.read(audio)]
+            if not sum(map(len, samples)):
+                raise ValueError(NO_SAMPLES)
+            return run.sequential(np.concatenate(samples))
         return run.batched(audio)
 
     def validate(self, options: TranscribeOptions) -> None:
@@ -188,6 +192,9 @@ class _Run:
         self._windows_in_flight = 0
         self._waiting: bool | None = None
         self.segments: list[Segment] = []
+        # Tokens fed and sampled, for usage. Batched mode counts on two threads (the feeder's first
+        # tries, the collector's retries at the next temperature).
+        self._count_lock = threading.Lock()
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.language = options.language
@@ -242,18 +249,20 @@ class _Run:
         max_initial = round(o.max_initial_timestamp / SECONDS_PER_TOKEN) if o.max_initial_timestamp else -1
         seed = o.seed & 0xFFFFFFFF
         key = (seed, (salt * 7919 + temperature_index * 104729 + (o.seed >> 32)) & 0xFFFFFFFF)
-        self.prompt_tokens += len(prefix)
+        with self._count_lock:
+            self.prompt_tokens += len(prefix)
         temperature = o.temperatures[temperature_index]
         # As openai-whisper: beam search when greedy, best-of when sampling.
-        beam_size = (o.beam_size or 1) if temperature == 0 else 1
+        beam_size, patience = ((o.beam_size or 1), (o.patience or 1.0)) if temperature == 0 else (1, 1.0)
         best_of = (o.best_of or 1) if temperature > 0 else 1
         return DecodeJob(window, prefix, prefix.index(self.tok.sot), temperature, o.timestamps, max_initial,
-                         o.repetition_penalty, key, self.sample_len, beam_size=beam_size, patience=o.patience or 1.0,
+                         o.repetition_penalty, key, self.sample_len, beam_size=beam_size, patience=patience,
                          best_of=best_of, length_penalty=o.length_penalty, min_p=o.min_p,
                          top_k=min(o.top_k or 0, 2**31 - 1), top_p=o.top_p, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
-        self.completion_tokens += len(out.tokens) + 1
+        with self._count_lock:
+            self.completion_tokens += len(out.tokens) + 1
         text = self.tok.decode(out.tokens).strip()
         return WindowResult(out.tokens, text, temperature, out.sum_logprob / (len(out.tokens) + 1),
                             compression_ratio(text), out.no_speech_prob)
@@ -277,10 +286,10 @@ class _Run:
         if not self.options.word_timestamps or not raw:
             return
         text = [t for s in raw for t in s.tokens if t < self.tok.eot]
-        sot = self.tok.sot_sequence(self.language, self.options.task)
-        scores, probs = self.engine.programs.align(window.features, sot + [self.tok.no_timestamps] + text + [self.tok.eot])
-        timings = find_alignment(scores, probs, self.tok, len(sot), text, num_frames, self.language)
-        self.last_speech_timestamp = add_word_timestamps(raw, timings, self.tok.eot, time_offset, self.last_speech_timestamp)
+        timings = align_words(self.engine.programs, self.tok, window.features,
+                              self.tok.sot_sequence(self.language, self.options.task), text, num_frames, self.language)
+        add_word_timestamps(raw, timings, self.tok.eot, time_offset, self.last_speech_timestamp)
+        self.last_speech_timestamp = last_end(raw)  # as openai-whisper: where speech last ended, words or not
 
     def _emit(self, seek: int, raw, result: WindowResult) -> list[Segment]:
         out = []
@@ -395,7 +404,7 @@ class _Run:
                 next_out += 1
                 self._update(windows=-1)
         if total == 0:
-            raise ValueError("the audio holds no samples")
+            raise ValueError(NO_SAMPLES)
         return self._finish(duration)
 
     # -- sequential: openai-whisper's seek loop, the reference for exactness
@@ -434,7 +443,7 @@ class _Run:
             raw, consumed, single_ending = split_segments(result.tokens, self.tok, time_offset, segment_size, keep_tail=False)
             self._add_words(raw, window, segment_size, time_offset)
             emitted = self._emit(seek, raw, result)
-            last_word_end = next((w.end for s in reversed(raw) for w in reversed(s.words)), raw[-1].end if raw else None)
+            last_word_end = last_end(raw)
             if o.word_timestamps and not single_ending and last_word_end is not None and last_word_end > time_offset:
                 seek = round(last_word_end * 100)  # resume after the last word
             else:

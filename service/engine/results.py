@@ -72,6 +72,9 @@ class TranscribeOptions:
             value = getattr(self, name)
             if value is not None and not lo <= value <= hi:
                 raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
+        if self.max_initial_timestamp is not None and not 0.0 <= self.max_initial_timestamp <= 30.0:
+            raise ValueError(f"max_initial_timestamp must be in [0, 30] seconds (or unset for none), got "
+                             f"{self.max_initial_timestamp}")
         if languages is not None and self.language is not None and self.language not in languages:
             raise ValueError(f"language {self.language!r} is not one this model knows; accepted: {', '.join(languages)}")
 

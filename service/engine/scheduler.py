@@ -88,6 +88,12 @@ class DecodeJob:
     def rows(self) -> int:
         return max(self.beam_size, self.best_of, 1)
 
+    @property
+    def beam_search(self) -> bool:
+        """Decoded by beam search: several beams, or a single one that waits for other than one
+        ending (patience); a single beam that ends at its first ending is greedy decoding."""
+        return self.beam_size > 1 or round(self.beam_size * self.patience) != 1
+
 
 @dataclass
 class DecodeOutput:
@@ -425,7 +431,7 @@ class DecodeScheduler:
         groups = []
         for j in jobs:
             slots = [next(free) for _ in range(j.rows)]
-            groups.append(_Group(j, slots, float("nan"), [_Sequence() for _ in range(1 if j.beam_size > 1 else j.rows)]))
+            groups.append(_Group(j, slots, float("nan"), [_Sequence() for _ in range(1 if j.beam_search else j.rows)]))
         copies = [(i, r) for i, g in enumerate(groups) for r in range(1, len(g.slots))]  # (group, its row)
 
         def options(rows: list[tuple[_Group, int]]) -> RowOptions:
@@ -468,7 +474,7 @@ class DecodeScheduler:
         reorder = self._reorder_pending()
         self._length = self._length[self._source] + 1
         live = [slot for slot, g in enumerate(self._groups) if g is not None]
-        beams = any(self._groups[slot].job.beam_size > 1 for slot in live)
+        beams = any(self._groups[slot].job.beam_search for slot in live)
         device = self._device()
         if device != self._slots_on:
             self._slots, self._slots_on = self.programs.place(self._slots, device), device
@@ -539,7 +545,7 @@ class DecodeScheduler:
             if job.cancel is not None and job.cancel.is_set():
                 self._release(g)
                 job.future.set_exception(CancelledError())
-            elif job.beam_size > 1:
+            elif job.beam_search:
                 self._beam_update(g, choice, row_of)
             else:
                 for slot, seq in zip(g.slots, g.sequences):
