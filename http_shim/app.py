@@ -122,6 +122,12 @@ def _state() -> State:
 def _before():
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     cfg = _state().config
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and cfg.upload_timeout:
+        # A gunicorn thread waits on a request body for as long as the client takes: a stalled
+        # upload would hold it for good. Reads time out instead (408); answers are written
+        # without a timeout (_after).
+        sock.settimeout(cfg.upload_timeout)
     if request.method == "OPTIONS" and cfg.cors_origins and request.headers.get("Origin"):
         return Response(status=204)  # a CORS preflight; _after adds the headers
     if cfg.api_key and request.path.startswith("/v1/"):
@@ -140,6 +146,9 @@ def _before():
 
 
 def _after(response: Response) -> Response:
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(None)
     response.headers.setdefault("X-Request-Id", getattr(g, "request_id", ""))
     cfg = _state().config
     origin = request.headers.get("Origin")
@@ -239,6 +248,10 @@ def _audio(task: str):
     try:
         upload = Upload(state, task)
         upload.run()
+    except APIError as e:
+        if e.status != 408:  # a stalled client would only stall the drain too
+            _drain()
+        raise
     except BaseException:
         _drain()
         raise

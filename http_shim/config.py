@@ -19,6 +19,7 @@ class Config:
     api_key: str | None = None  # None: no authentication
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     request_timeout: float = 600.0  # seconds a request may take in the service (gRPC deadline)
+    upload_timeout: float = 60.0  # seconds the request body may send nothing (then 408); 0: no limit
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     workers: int = 1
     threads: int = 32
@@ -62,6 +63,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _seconds_or_off(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive number of seconds, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -83,6 +94,8 @@ FLAGS = [
      "largest audio file accepted, in bytes or with a unit (25MB)"),
     ("--request-timeout", "request_timeout", "DRAGOMAN_HTTP_REQUEST_TIMEOUT", _positive_float,
      "seconds a request may take in the service before it answers 504"),
+    ("--upload-timeout", "upload_timeout", "DRAGOMAN_HTTP_UPLOAD_TIMEOUT", _seconds_or_off,
+     "seconds an upload may send nothing before it answers 408 (0: no limit)"),
     ("--cors-origins", "cors_origins", "DRAGOMAN_HTTP_CORS_ORIGINS", parse_origins,
      "comma-separated origins allowed by CORS, or '*'"),
     ("--workers", "workers", "DRAGOMAN_HTTP_WORKERS", _positive_int, "gunicorn worker processes"),

@@ -37,6 +37,7 @@ IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]",
 DEFAULT_BEAM_WIDTH = 5  # use_beam_search=true without n or beam_size: openai-whisper's CLI default
 MAX_CANDIDATES = 10  # beam_size, best_of and n (as the beam width) are at most this
 OFF = ("none", "null", "off")  # a threshold given as one of these is turned off
+BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
 
 
 @dataclass
@@ -323,14 +324,17 @@ class FileEnd:
 
 def boundary_of(content_type: str | None) -> bytes:
     mimetype, options = parse_options_header(content_type or "")
-    if mimetype != "multipart/form-data":
+    if mimetype.lower() != "multipart/form-data":  # media types are case-insensitive
         raise APIError(400, "The request must be multipart/form-data with a 'file' part (as OpenAI's audio API "
                             f"takes it); got Content-Type '{content_type or ''}'", param="file",
                        code="invalid_content_type")
     boundary = options.get("boundary")
     if not boundary:
         raise APIError(400, "multipart/form-data without a boundary", code="invalid_content_type")
-    return boundary.encode("latin-1")
+    if not BOUNDARY.fullmatch(boundary):
+        raise APIError(400, f"The multipart boundary {boundary!r} is not 1 to 70 of the characters RFC 2046 allows "
+                            "(letters, digits and '()+_,-./:=? )", code="invalid_content_type")
+    return boundary.encode("ascii")
 
 
 def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file",
@@ -355,9 +359,15 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
         if isinstance(event, mp.NeedData):
             try:
                 data = stream.read(READ_SIZE)
-            except Exception as e:  # the client went away, or the body was cut short
+            except Exception as e:  # the client went away, the body was cut short, or it stalled
+                if _timed_out(e):
+                    raise APIError(408, "The upload stalled: no part of the request body arrived within the "
+                                        "server's upload timeout", code="request_timeout") from None
                 raise APIError(400, f"The request body could not be read: {e}", code="invalid_body") from None
             decoder.receive_data(data or None)
+        elif isinstance(event, (mp.Field, mp.File)) and not event.name:
+            raise bad_request("A part of the form has no name (each needs Content-Disposition: form-data; "
+                              "name=\"...\")", None, "invalid_multipart")
         elif isinstance(event, mp.Field):
             part = event
             value.clear()
@@ -379,7 +389,8 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
                     charset = parse_options_header(part.headers.get("content-type", ""))[1].get("charset", "utf-8")
                     try:
                         text = value.decode(charset)
-                    except (UnicodeDecodeError, LookupError):
+                        text.encode("utf-8")  # lone surrogates (UTF-7, say) are no text
+                    except (UnicodeError, LookupError):
                         raise bad_request(f"The form field '{part.name}' is not valid {charset}", part.name,
                                           "invalid_type") from None
                     yield FieldEvent(part.name, text)
@@ -400,6 +411,16 @@ def read_multipart(stream: BinaryIO, boundary: bytes, *, file_field: str = "file
                     yield FileEnd(size)
         elif isinstance(event, mp.Epilogue):
             done = True
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Whether a read failed on the socket's read timeout. werkzeug reports any error reading the
+    body as ClientDisconnected, with the error it met as its context."""
+    while error is not None:
+        if isinstance(error, TimeoutError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _human(n: int) -> str:

@@ -123,17 +123,21 @@ LANGUAGE_CODES: dict[str, str] = {
 }
 
 
+# ISO 639-1 codes that are not Whisper's for the same language: Javanese is "jw" in Whisper, and
+# its "no" is Norwegian Bokmål; Java's Locale still gives the old codes of Hebrew, Indonesian and Yiddish.
+CODE_ALIASES: dict[str, str] = {"jv": "jw", "nb": "no", "iw": "he", "in": "id", "ji": "yi"}
+
+
 def language_code(value: str) -> str | None:
-    """The code of a language given by code, name or BCP 47 tag ("it", "Italian", "it-IT"), or None."""
+    """The code of a language given by code, name or BCP 47 tag ("it", "Italian", "it-IT", "nb-NO"), or None."""
     key = value.strip().lower().replace("_", "-")
     if key in LANGUAGES:
         return key
     if key in LANGUAGE_CODES:
         return LANGUAGE_CODES[key]
     base = key.split("-", 1)[0]
-    if base != key and base in LANGUAGES:
-        return base
-    return None
+    base = CODE_ALIASES.get(base, base)
+    return base if base in LANGUAGES else None
 
 
 def language_name(code: str) -> str:

@@ -7,6 +7,7 @@ request (temperature 0, a fixed seed) gives the same text every way it is asked 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import os
@@ -512,6 +513,49 @@ def test_fields_after_the_file(servers, reference):
                       headers={"Authorization": f"Bearer {API_KEY}",
                                "Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=120)
     assert resp.status_code == 200 and resp.json()["text"] == reference["translate"]
+
+
+def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path):
+    """gunicorn's threads read a request body for as long as the client takes: --upload-timeout
+    ends the wait. The file comes first (as curl sends it), so no call to the service has begun
+    that could time out instead. The shim has one thread, which then serves the next request."""
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("DRAGOMAN_API_KEY", None)
+    with open(tmp_path / "shim.log", "w") as log:
+        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", str(port), "--grpc-target",
+                                 servers.grpc_target, "--threads", "1", "--upload-timeout", "1"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert shim.poll() is None and time.monotonic() < deadline, (tmp_path / "shim.log").read_text()
+            time.sleep(0.3)
+        boundary = "stallboundary"
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+                + WAV[:1000])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("POST", "/v1/audio/transcriptions")
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(len(head) + len(WAV)))
+        conn.endheaders(head)  # and nothing more
+        started = time.monotonic()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 408 and body["error"]["code"] == "request_timeout", body
+        assert 0.5 < time.monotonic() - started < 20
+        served = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", WAV)},
+                            data={k: str(v) for k, v in FAST.items()}, timeout=120)
+        assert served.status_code == 200 and served.json()["text"]
+    finally:
+        _stop(shim)
 
 
 # ---- the service down, or too slow (the shim in-process, with the real gRPC client) -----------------------------

@@ -203,6 +203,9 @@ def test_params_checks():
         with pytest.raises(APIError) as e:
             p.set_field(name, value)
         assert e.value.status == 400 and e.value.param.rstrip("[]") == name.rstrip("[]")
+    for given, code in [("jv", "jw"), ("nb-NO", "no"), ("iw", "he"), ("pt_BR", "pt"), ("Castilian", "es")]:
+        p.set_field("language", given)
+        assert p.language == code
     p.set_field("language", "Italian")
     p.set_field("temperature", "0.2")
     p.set_field("timestamp_granularities[]", "word")
@@ -469,6 +472,27 @@ def test_bad_requests(client, backend, parts, status, param):
 
 def test_not_multipart(client):
     assert error_of(client.post("/v1/audio/translations", json={"model": "whisper-1"}), 400)["param"] == "file"
+
+
+def test_malformed_forms_are_refused_and_the_server_serves_on(client):
+    """Media types are case-insensitive; a boundary outside RFC 2046's characters, a part without a
+    name and a field that is no text (a lone surrogate, by way of UTF-7) are 400s naming the fault."""
+    body, ctype = multipart([("file", ("a.wav", AUDIO))])
+    upper = client.post("/v1/audio/translations", data=body, headers={"Content-Type": ctype.replace(
+        "multipart/form-data", "Multipart/Form-Data")})
+    assert upper.status_code == 200
+    euro = client.post("/v1/audio/translations", data=body,
+                       headers={"Content-Type": "multipart/form-data; boundary*=UTF-8''%E2%82%AC"})
+    assert error_of(euro, 400)["code"] == "invalid_content_type" and "boundary" in euro.get_json()["error"]["message"]
+    boundary = ctype.split("boundary=")[1]
+    nameless = (f'--{boundary}\r\nContent-Disposition: form-data\r\n\r\nv\r\n'.encode() + body)
+    resp = client.post("/v1/audio/translations", data=nameless, headers={"Content-Type": ctype})
+    assert error_of(resp, 400)["code"] == "invalid_multipart" and "no name" in resp.get_json()["error"]["message"]
+    surrogate = (f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n'
+                 f'Content-Type: text/plain; charset=utf-7\r\n\r\n+2AA-\r\n'.encode() + body)
+    resp = client.post("/v1/audio/translations", data=surrogate, headers={"Content-Type": ctype})
+    assert error_of(resp, 400)["param"] == "prompt"
+    assert client.post("/v1/audio/translations", data=body, headers={"Content-Type": ctype}).status_code == 200
 
 
 def test_oversize(make_client):
