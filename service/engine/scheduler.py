@@ -90,8 +90,8 @@ class DecodeJob:
 
     @property
     def beam_search(self) -> bool:
-        """Decoded by beam search: several beams, or a single one that waits for other than one
-        ending (patience); a single beam that ends at its first ending is greedy decoding."""
+        """Decoded by beam search: several beams, or one whose patience has it collect other than
+        exactly one ended hypothesis. One beam that stops at its first ending is greedy decoding."""
         return self.beam_size > 1 or round(self.beam_size * self.patience) != 1
 
 
