@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 
@@ -13,18 +14,17 @@ from .audio import AudioError, decode_audio
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
 from .engine.lanes import lanes_wanted
 from .languages import language_code
+from .settings import env_default
 
 DEFAULT_MODEL = "openai/whisper-large-v3"
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the command line and the server: which model, how to run it."""
-    import os
-
     p.add_argument("--model", default=os.environ.get("DRAGOMAN_MODEL", DEFAULT_MODEL),
                    help="Hugging Face hub id, local model directory, or OpenAI .pt checkpoint "
                         "(env DRAGOMAN_MODEL; default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=int(os.environ.get("DRAGOMAN_MAX_BATCH", "8")),
+    p.add_argument("--max-batch", type=int, default=env_default(p, "DRAGOMAN_MAX_BATCH", int, 8),
                    help="windows decoded together on the device (env DRAGOMAN_MAX_BATCH; default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=os.environ.get("DRAGOMAN_DTYPE") or None,
                    help="parameter and compute type (env DRAGOMAN_DTYPE; default float32 on CPU, bfloat16 on GPU/TPU)")
@@ -123,7 +123,9 @@ def run_files(args: argparse.Namespace, task: str) -> int:
 
                 result = engine.transcribe(audio, options, on_progress=progress)
             if args.json:
-                print(json.dumps({"file": path, **result.to_dict()}, ensure_ascii=False), flush=True)
+                # A file name that is not UTF-8 (its bytes kept as surrogates) is shown escaped.
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                print(json.dumps({"file": shown, **result.to_dict()}, ensure_ascii=False), flush=True)
             else:
                 for s in result.segments:
                     print(f"[{_clock(s.start)} --> {_clock(s.end)}]{s.text}", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 
@@ -35,8 +36,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_concurrent_streams < 1:
             raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
-        if not self.max_audio_seconds > 0:
-            raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
+        if not 0 < self.max_audio_seconds < math.inf:
+            raise ValueError(f"max_audio_seconds must be a positive number of seconds, got {self.max_audio_seconds}")
         if self.max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be at least 1, got {self.max_upload_bytes}")
         if self.default_mode not in MODES:
@@ -50,29 +51,45 @@ class ServerConfig:
             raise ValueError(f"receive_timeout must be 0 (no limit) or positive, got {self.receive_timeout}")
 
 
+def env_default(p: argparse.ArgumentParser, var: str, kind, default):
+    """A flag's default from its environment twin, if set; a value `kind` cannot read stops the
+    parser with an error naming the variable."""
+    text = os.environ.get(var, "")
+    if text == "":
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        p.error(f"{var}={text!r} is not {'an integer' if kind is int else 'a number'}")
+
+
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     d = ServerConfig()
     p.add_argument("--host", default=env("DRAGOMAN_HOST", d.host),
                    help="address to listen on; 0.0.0.0 or [::] for every interface (env DRAGOMAN_HOST; default %(default)s)")
-    p.add_argument("--port", type=int, default=int(env("DRAGOMAN_PORT", d.port)),
+    p.add_argument("--port", type=int, default=env_default(p, "DRAGOMAN_PORT", int, d.port),
                    help="port to listen on; 0 picks a free one (env DRAGOMAN_PORT; default %(default)s)")
     p.add_argument("--max-concurrent-streams", type=int,
-                   default=int(env("DRAGOMAN_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams)),
+                   default=env_default(p, "DRAGOMAN_MAX_CONCURRENT_STREAMS", int, d.max_concurrent_streams),
                    help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with "
                         "a retry delay (env DRAGOMAN_MAX_CONCURRENT_STREAMS; default %(default)s)")
-    p.add_argument("--max-audio-seconds", type=float, default=float(env("DRAGOMAN_MAX_AUDIO_SECONDS", d.max_audio_seconds)),
+    p.add_argument("--max-audio-seconds", type=float,
+                   default=env_default(p, "DRAGOMAN_MAX_AUDIO_SECONDS", float, d.max_audio_seconds),
                    help="longest audio accepted per call, in seconds (env DRAGOMAN_MAX_AUDIO_SECONDS; default %(default)g)")
-    p.add_argument("--max-upload-bytes", type=int, default=int(env("DRAGOMAN_MAX_UPLOAD_BYTES", d.max_upload_bytes)),
+    p.add_argument("--max-upload-bytes", type=int,
+                   default=env_default(p, "DRAGOMAN_MAX_UPLOAD_BYTES", int, d.max_upload_bytes),
                    help="most audio bytes accepted per call (env DRAGOMAN_MAX_UPLOAD_BYTES; default %(default)s = 512 MiB)")
     p.add_argument("--default-mode", choices=MODES, default=env("DRAGOMAN_DEFAULT_MODE", d.default_mode),
                    help="long-form mode for requests that leave it unspecified: batched (30 s windows cut at pauses, "
                         "decoded at once) or sequential (openai-whisper's loop) (env DRAGOMAN_DEFAULT_MODE; "
                         "default %(default)s)")
-    p.add_argument("--grace-period", type=float, default=float(env("DRAGOMAN_GRACE_PERIOD", d.grace_period)),
+    p.add_argument("--grace-period", type=float,
+                   default=env_default(p, "DRAGOMAN_GRACE_PERIOD", float, d.grace_period),
                    help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are "
                         "cancelled (env DRAGOMAN_GRACE_PERIOD; default %(default)g)")
-    p.add_argument("--receive-timeout", type=float, default=float(env("DRAGOMAN_RECEIVE_TIMEOUT", d.receive_timeout)),
+    p.add_argument("--receive-timeout", type=float,
+                   default=env_default(p, "DRAGOMAN_RECEIVE_TIMEOUT", float, d.receive_timeout),
                    help="seconds a call may wait on its client for the next message (time spent decoding the "
                         "audio received so far does not count); it then fails with DEADLINE_EXCEEDED, freeing "
                         "its stream. 0: no limit (env DRAGOMAN_RECEIVE_TIMEOUT; default %(default)g)")

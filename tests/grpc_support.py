@@ -125,7 +125,7 @@ def encode(audio: np.ndarray, sample_rate: int, container: str, codec: str, samp
         step = 4096
         pts = 0
         for i in range(0, len(audio), step):
-            piece = np.ascontiguousarray(audio[i : i + step].T.reshape(1, -1))  # packed float
+            piece = np.ascontiguousarray(audio[i : i + step].reshape(1, -1))  # packed float: channels interleaved
             frame = av.AudioFrame.from_ndarray(piece, format="flt", layout=stream.layout.name)
             frame.sample_rate = sample_rate
             frame.pts = pts

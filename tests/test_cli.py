@@ -52,18 +52,22 @@ def files(tmp_path_factory):
         "wav": write_audio(d / "short.wav", 4.0, "wav", "pcm_s16le"),
         "mp3": write_audio(d / "long.mp3", 35.0, "mp3", "libmp3lame"),
         "bad": d / "notes.txt",
+        # A name that is not UTF-8 (Latin-1's é), as file systems allow.
+        "latin1": write_audio(d / os.fsdecode(b"caf\xe9.wav"), 4.0, "wav", "pcm_s16le"),
     }
 
 
 def test_json_output_has_one_object_per_file_and_bad_files_are_reported(tiny_model, files):
     files["bad"].write_text("not audio at all")
-    r = run_cli("transcribe", str(files["wav"]), str(files["bad"]), str(files["mp3"]), "--model", str(tiny_model[0]),
-                "--json", "--language", "en", "--temperature", "0", "--max-batch", "2")
+    r = run_cli("transcribe", str(files["wav"]), str(files["bad"]), str(files["mp3"]), str(files["latin1"]),
+                "--model", str(tiny_model[0]), "--json", "--language", "en", "--temperature", "0", "--max-batch", "2")
     assert r.returncode == 1, r.stderr
     assert f"{files['bad']}: the audio could not be decoded" in r.stderr
     results = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [x["file"] for x in results] == [str(files["wav"]), str(files["mp3"])]
-    for x, seconds in zip(results, (4.0, 35.0)):
+    latin1 = os.fsencode(files["latin1"]).decode("utf-8", "backslashreplace")
+    assert latin1.endswith("caf\\xe9.wav")
+    assert [x["file"] for x in results] == [str(files["wav"]), str(files["mp3"]), latin1]
+    for x, seconds in zip(results, (4.0, 35.0, 4.0), strict=True):
         assert x["language"] == "en"
         assert x["duration"] == pytest.approx(seconds, abs=0.05)
         assert x["segments"] and all(SEGMENT_FIELDS <= set(s) for s in x["segments"])
@@ -87,7 +91,8 @@ def test_unknown_language_and_missing_model_are_clear_errors(tiny_model, files):
 
 
 @pytest.mark.parametrize("name, value, message", [("DRAGOMAN_CPU_LANES", "maybe", "'maybe' is not one of on, off"),
-                                                  ("DRAGOMAN_MALLOC", "jemalloc", "'jemalloc' is not one of tcmalloc, system")])
+                                                  ("DRAGOMAN_MALLOC", "jemalloc", "'jemalloc' is not one of tcmalloc, system"),
+                                                  ("DRAGOMAN_MAX_BATCH", "eight", "'eight' is not an integer")])
 def test_a_bad_setting_is_named_before_a_model_loads(files, name, value, message):
     r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model", **{name: value})
     assert r.returncode == 2 and f"{name}={message}" in r.stderr and "does not exist" not in r.stderr

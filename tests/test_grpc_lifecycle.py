@@ -201,7 +201,7 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
             proc.wait()
 
 
-def test_server_flags_take_their_environment_twins(monkeypatch):
+def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
     import argparse
 
     from service.settings import ServerConfig, add_server_arguments, config_from_args
@@ -217,6 +217,13 @@ def test_server_flags_take_their_environment_twins(monkeypatch):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="receive_timeout must be 0 .no limit. or positive"):
             ServerConfig(receive_timeout=bad)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_audio_seconds must be a positive number of seconds"):
+            ServerConfig(max_audio_seconds=bad)
+    monkeypatch.setenv("DRAGOMAN_MAX_UPLOAD_BYTES", "1GB")
+    with pytest.raises(SystemExit):
+        add_server_arguments(argparse.ArgumentParser())
+    assert "DRAGOMAN_MAX_UPLOAD_BYTES='1GB' is not an integer" in capsys.readouterr().err
 
 
 class FreezableProxy:

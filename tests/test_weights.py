@@ -137,6 +137,35 @@ def test_config_that_does_not_match_the_weights_fails(tiny_model, tmp_path):
         params_of(tmp_path)
 
 
+@pytest.mark.parametrize("other", ["tiny_model", "en_model"])
+def test_another_models_tokenizer_is_refused(v3_model, other, request, tmp_path):
+    """large-v2's tokenizer (or an English-only one) beside large-v3's weights would shift every
+    special token: <|translate|> would be <|yue|>."""
+    shutil.copytree(v3_model[0], tmp_path, dirs_exist_ok=True)
+    shutil.copy(request.getfixturevalue(other)[0] / "tokenizer.json", tmp_path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="the tokenizer is not this model's: its vocabulary has 5186[45] tokens"):
+        Engine.load(str(tmp_path))
+
+
+def test_broken_json_files_and_single_weight_files_are_named(tiny_model, tmp_path):
+    directory, _ = tiny_model
+    copy_side_files(directory, tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "whisper", ')  # a download cut short
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        weights.resolve(str(tmp_path))
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json has no weight_map"):
+        weights.resolve(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("[]")
+    shutil.copy(directory / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"generation_config.json holds a JSON list, not an object"):
+        Engine.load(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is one file of a Hugging Face model: give the "
+                                              r"directory"):
+        weights.resolve(str(tmp_path / "model.safetensors"))
+
+
 def test_directory_without_weights_says_what_it_expects(tiny_model, tmp_path):
     copy_side_files(tiny_model[0], tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors, pytorch_model.bin"):

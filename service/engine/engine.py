@@ -53,10 +53,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch = max_batch
-        for token in (tokenizer.eot, tokenizer.sot, tokenizer.timestamp_begin + 1500):
-            if token >= dims.n_vocab:
-                raise weights.CheckpointError(
-                    f"the tokenizer's special tokens (up to id {token}) do not fit the model's vocabulary of {dims.n_vocab}")
+        # Whisper's vocabulary ends with its 1501 timestamp tokens. Another model's tokenizer (large-v2's
+        # beside large-v3's weights) would shift every special token by the difference.
+        if tokenizer.timestamp_begin + 1501 != dims.n_vocab:
+            raise weights.CheckpointError(
+                f"the tokenizer is not this model's: its vocabulary has {tokenizer.timestamp_begin + 1501} tokens "
+                f"(timestamps from id {tokenizer.timestamp_begin}), the model's {dims.n_vocab} (large-v3 and "
+                "large-v3-turbo: 51866, the other multilingual models: 51865, the English-only ones: 51864)")
         self.programs = Programs(params, dims, Vocabulary.of(tokenizer, dims.n_vocab), max_batch,
                                  list(tokenizer.language_tokens.values()),
                                  alignment_heads(tokenizer.generation_config, dims))

@@ -8,7 +8,6 @@ as openai-whisper tells it.
 """
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
 from ..languages import LANGUAGES
+from .weights import read_json
 
 MULTILINGUAL_VOCAB = 51865  # the smallest multilingual vocabulary; English-only models have 51864 tokens
 
@@ -52,7 +52,7 @@ class WhisperTokenizer:
         """The tokenizer in `directory`, for a model of `n_vocab` tokens."""
         d = Path(directory)
         gen_path = d / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        gen = read_json(gen_path) if gen_path.exists() else {}
         multilingual = n_vocab >= MULTILINGUAL_VOCAB
         if (d / "tokenizer.json").exists():
             return cls(Tokenizer.from_file(str(d / "tokenizer.json")), gen, multilingual=multilingual)
@@ -62,7 +62,7 @@ class WhisperTokenizer:
             tok.decoder = ByteLevelDecoder()
             added = d / "added_tokens.json"
             if added.exists():
-                specials = sorted(json.loads(added.read_text()).items(), key=lambda kv: kv[1])
+                specials = sorted(read_json(added).items(), key=lambda kv: kv[1])
                 tok.add_special_tokens([name for name, _ in specials])
             return cls(tok, gen, multilingual=multilingual)
         raise FileNotFoundError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +205,18 @@ def _torch_load(f: Path) -> dict:
         raise CheckpointError(f"cannot read PyTorch checkpoint {f}: {e}") from e
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config, index, generation config), refused naming the file when
+    it is not a JSON object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); is the download complete?") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _hf_weight_files(directory: Path) -> tuple[list[Path], Callable]:
     for index_name, reader in (("model.safetensors.index.json", _safetensors), ("pytorch_model.bin.index.json", _torch_files)):
         single = directory / index_name.replace(".index.json", "")
@@ -213,7 +224,9 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], Callable]:
             return [single], reader
         index = directory / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map naming the shard of each tensor")
             return [directory / f for f in sorted(set(weight_map.values()))], reader
     raise CheckpointError(
         f"no weights in {directory}: expected model.safetensors, pytorch_model.bin or a sharded index of either")
@@ -223,7 +236,7 @@ def _hf_checkpoint(directory: Path) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face Whisper model directory?")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     if config.get("model_type") != "whisper":
         raise CheckpointError(f"{config_path} describes model_type {config.get('model_type')!r}, not 'whisper'")
     files, reader = _hf_weight_files(directory)
@@ -249,6 +262,9 @@ def _openai_checkpoint(path: Path) -> Checkpoint:
 def resolve(model: str) -> Checkpoint:
     """A local directory, a local OpenAI `.pt` file, or a Hugging Face hub id."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".bin", ".json"):
+        raise CheckpointError(f"{path} is one file of a Hugging Face model: give the directory that holds it "
+                              "(with config.json, the weights and the tokenizer)")
     if path.is_file():
         return _openai_checkpoint(path)
     if path.is_dir():
@@ -260,6 +276,7 @@ def resolve(model: str) -> Checkpoint:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE  # where HF_HUB_CACHE, HF_HOME or XDG_CACHE_HOME put it
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = list(HF_SIDE_FILES) + ["model.safetensors*", "model-*.safetensors"]
@@ -270,7 +287,7 @@ def _download(repo_id: str) -> Path:
         return local
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
-            f"model {repo_id!r} is not in the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+            f"model {repo_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) "
             "and the hub cannot be reached (HF_HUB_OFFLINE set, or no network). Download it where there is a network "
             "(huggingface-cli download " + repo_id + ") or pass --model /path/to/a/local/model/directory"
         ) from e

@@ -1,0 +1,73 @@
+"""Decoding audio files to 16 kHz mono: the mixdown, damaged and cut-short files, and streams
+whose format changes midway."""
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from service.audio import SAMPLE_RATE, AudioError, decode_audio
+
+
+def encode(channels: np.ndarray, rate: int, container: str = "wav", codec: str = "pcm_s16le") -> bytes:
+    """[channels, samples] float32 encoded with PyAV."""
+    layout = "mono" if len(channels) == 1 else "stereo"
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = layout
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(channels, np.float32), format="fltp", layout=layout)
+        frame.sample_rate = rate
+        for piece in av.AudioResampler(format=stream.format.name, layout=layout, rate=rate).resample(frame):
+            out.mux(stream.encode(piece))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def sine(seconds: float, rate: int, amplitude: float = 0.4, hz: float = 220.0) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+@pytest.mark.parametrize("right", [1.0, 0.5, 0.0])
+def test_stereo_is_mixed_to_the_mean_of_its_channels(right):
+    """As openai-whisper's `ffmpeg -ac 1` into 16-bit samples, and as headerless stereo PCM is:
+    not FFmpeg's float mixdown, which is 3 dB louder."""
+    left = sine(2.0, SAMPLE_RATE)
+    mixed = decode_audio(encode(np.stack([left, right * left]), SAMPLE_RATE))
+    np.testing.assert_allclose(mixed, (1 + right) / 2 * left, atol=2e-4)  # 16-bit quantisation
+
+
+def test_damaged_packets_are_skipped_and_the_rest_decoded():
+    data = bytearray(encode(sine(10.0, 44100)[None], 44100, "mp3", "libmp3lame"))
+    data[len(data) // 2 : len(data) // 2 + 400] = np.random.default_rng(0).integers(0, 256, 400, np.uint8).tobytes()
+    audio = decode_audio(bytes(data))
+    assert 9.5 <= len(audio) / SAMPLE_RATE <= 10.1
+
+
+def test_a_file_cut_short_gives_what_it_holds():
+    data = encode(sine(10.0, 44100)[None], 44100, "mp3", "libmp3lame")
+    audio = decode_audio(data[: len(data) * 2 // 3])
+    assert 6.0 <= len(audio) / SAMPLE_RATE <= 7.0
+
+
+def test_a_stream_whose_sample_rate_changes_midway_is_decoded_whole():
+    """Two MP3 files joined: 4 s at 44.1 kHz, then 3 s at 22.05 kHz, each tone at its own pitch."""
+    first = encode(sine(4.0, 44100, hz=220.0)[None], 44100, "mp3", "libmp3lame")
+    second = encode(sine(3.0, 22050, hz=440.0)[None], 22050, "mp3", "libmp3lame")
+    audio = decode_audio(first + second)
+    assert len(audio) / SAMPLE_RATE == pytest.approx(7.0, abs=0.15)
+
+    def pitch(piece: np.ndarray) -> float:
+        return float(np.argmax(np.abs(np.fft.rfft(piece)))) * SAMPLE_RATE / len(piece)
+
+    assert pitch(audio[SAMPLE_RATE : 3 * SAMPLE_RATE]) == pytest.approx(220.0, abs=1.0)
+    assert pitch(audio[5 * SAMPLE_RATE : 6 * SAMPLE_RATE]) == pytest.approx(440.0, abs=1.0)
+
+
+def test_a_file_of_which_nothing_decodes_is_refused():
+    data = bytearray(encode(sine(2.0, 44100)[None], 44100, "mp3", "libmp3lame"))
+    data[200:] = np.random.default_rng(1).integers(0, 256, len(data) - 200, np.uint8).tobytes()
+    with pytest.raises(AudioError, match="could not be decoded"):
+        decode_audio(bytes(data))
