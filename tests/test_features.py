@@ -9,8 +9,8 @@ import torch
 import whisper
 
 from audio_signals import speechlike
-from service.engine.dims import N_SAMPLES
-from service.engine.features import file_log_mel, mel_filters, window_log_mel
+from service.engine.dims import N_FFT, N_SAMPLES
+from service.engine.features import file_log_mel, mel_filters, reflect_pad, window_log_mel
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
@@ -40,3 +40,19 @@ def test_window_log_mel_floors_each_window_like_a_padded_30s_clip(n_mels):
     for i, c in enumerate(clips):
         ref = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), n_mels).numpy()
         np.testing.assert_allclose(ours[i], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("padding", [0, 1, 200, 201, N_SAMPLES])
+def test_reflect_pad_in_one_buffer_equals_padding_the_joined_signal(padding):
+    """The centring of the STFT frames, done without joining the audio to its padding first: the
+    same as numpy's reflect padding of the joined signal, for signals shorter than the reflection
+    (200 samples) too."""
+    rng = np.random.default_rng(padding)
+    for n in (1, 5, 200, 201, 202, 1000, N_SAMPLES + 1):
+        audio = rng.standard_normal(n).astype(np.float32)
+        joined = np.concatenate([audio, np.zeros(padding, np.float32)])
+        expected = np.pad(joined, (N_FFT // 2, N_FFT // 2), mode="reflect")
+        got = reflect_pad(audio, padding)
+        assert got.dtype == np.float32 and got.shape[-1] % N_SAMPLES == N_FFT
+        np.testing.assert_array_equal(got[: len(expected)], expected)
+        assert not got[len(expected):].any()

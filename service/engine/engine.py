@@ -124,7 +124,7 @@ class Engine:
             samples = [np.asarray(a, np.float32).reshape(-1) for a in run.read(audio)]
             if not sum(map(len, samples)):
                 raise ValueError(NO_SAMPLES)
-            return run.sequential(np.concatenate(samples))
+            return run.sequential(samples[0] if len(samples) == 1 else np.concatenate(samples))
         return run.batched(audio)
 
     def validate(self, options: TranscribeOptions) -> None:

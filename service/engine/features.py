@@ -52,11 +52,21 @@ def n_frames(n_samples: int) -> int:
     return n_samples // HOP_LENGTH
 
 
-def reflect_pad(audio: np.ndarray) -> np.ndarray:
-    """Centre the STFT frames (reflect by N_FFT/2 each side) and zero-fill to whole pieces."""
-    padded = np.pad(audio.astype(np.float32), [(0, 0)] * (audio.ndim - 1) + [(N_FFT // 2, N_FFT // 2)], mode="reflect")
-    target = -(-audio.shape[-1] // N_SAMPLES) * N_SAMPLES + N_FFT
-    return np.pad(padded, [(0, 0)] * (audio.ndim - 1) + [(0, target - padded.shape[-1])])
+def reflect_pad(audio: np.ndarray, padding: int = 0) -> np.ndarray:
+    """The signal `audio` then `padding` zeros, its STFT frames centred (reflected by N_FFT/2 at
+    each end) and zero-filled to whole pieces. One float32 buffer, the audio copied into it once:
+    hours of audio are gigabytes."""
+    half = N_FFT // 2
+    n = audio.shape[-1] + padding
+    out = np.zeros(audio.shape[:-1] + (-(-n // N_SAMPLES) * N_SAMPLES + N_FFT,), np.float32)
+    out[..., half : half + audio.shape[-1]] = audio
+    signal = out[..., half : half + n]
+    # Each end reflects only the signal's half + 1 samples nearest to it (all of a shorter signal).
+    ends = [(0, 0)] * (audio.ndim - 1)
+    left = np.pad(signal[..., : half + 1], ends + [(half, 0)], mode="reflect")[..., :half]
+    right = np.pad(signal[..., -(half + 1) :], ends + [(0, half)], mode="reflect")[..., -half:]
+    out[..., :half], out[..., half + n : n + 2 * half] = left, right
+    return out
 
 
 @partial(jax.jit, static_argnames=("n_mels",))
@@ -75,21 +85,28 @@ def _log10_mel(piece: jax.Array, n_mels: int) -> jax.Array:
     return jnp.log10(jnp.maximum(mel, 1e-10))
 
 
-def log_mel_spectrogram(audio: np.ndarray, n_mels: int) -> np.ndarray:
-    """Log-mel [n_mels, frames] of a signal, floored at 8 below its peak, as openai-whisper's
-    `log_mel_spectrogram` (its last STFT frame dropped)."""
-    frames = n_frames(audio.shape[-1])
-    padded = reflect_pad(audio)
-    log_spec = np.concatenate([np.asarray(_log10_mel(padded[start : start + N_SAMPLES + N_FFT], n_mels))
-                               for start in range(0, padded.shape[-1] - N_FFT, N_SAMPLES)], axis=-1)[:, :frames]
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return (log_spec + 4.0) / 4.0
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int, padding: int = 0) -> np.ndarray:
+    """Log-mel [n_mels, frames] of a signal followed by `padding` zeros, floored at 8 below its
+    peak, as openai-whisper's `log_mel_spectrogram` (its last STFT frame dropped)."""
+    frames = n_frames(audio.shape[-1] + padding)
+    padded = reflect_pad(audio, padding)
+    starts = range(0, padded.shape[-1] - N_FFT, N_SAMPLES)
+    per_piece = N_SAMPLES // HOP_LENGTH
+    log_spec = np.empty((n_mels, len(starts) * per_piece), np.float32)  # filled in place: no copies of hours
+    for i, start in enumerate(starts):
+        log_spec[:, i * per_piece : (i + 1) * per_piece] = _log10_mel(padded[start : start + N_SAMPLES + N_FFT], n_mels)
+    del padded
+    log_spec = log_spec[:, :frames]
+    np.maximum(log_spec, log_spec.max() - 8.0, out=log_spec)
+    log_spec += 4.0
+    log_spec /= 4.0
+    return log_spec
 
 
 def file_log_mel(audio: np.ndarray, n_mels: int, padding: int = 0) -> np.ndarray:
     """Log-mel of a whole signal (floor over the whole file), with `padding` zeros appended
     first, as openai-whisper's `log_mel_spectrogram(audio, padding=...)`."""
-    return log_mel_spectrogram(np.concatenate([audio, np.zeros(padding, np.float32)]), n_mels)
+    return log_mel_spectrogram(audio, n_mels, padding)
 
 
 def window_log_mel(windows: np.ndarray, n_mels: int) -> np.ndarray:
