@@ -71,10 +71,9 @@ def split_segments(tokens: list[int], tokenizer: WhisperTokenizer, time_offset: 
     if single_timestamp_ending:
         return out, window_frames, True
     last_ts = tokens[last - 1] - ts_begin
-    tail = tokens[last:]
+    tail = tokens[last:]  # opened by its own timestamp, never closed: the window was cut, or the tokens ran out
     if keep_tail and tokenizer.decode(tail).strip():
-        ts = [t for t in tail if t >= ts_begin]
-        end = (ts[-1] - ts_begin) * SECONDS_PER_TOKEN if ts and ts[-1] - ts_begin > last_ts else window_seconds
-        out.append(segment(time_offset + last_ts * SECONDS_PER_TOKEN, time_offset + min(end, window_seconds), tail))
+        start = min((tail[0] - ts_begin) * SECONDS_PER_TOKEN, window_seconds)
+        out.append(segment(time_offset + start, time_offset + window_seconds, tail))
         return out, window_frames, False
     return out, last_ts * INPUT_STRIDE, False
