@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,14 +33,16 @@ class AudioLimits:
     max_seconds: float = 4 * 3600.0
 
 
-def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = AudioLimits()) -> np.ndarray:
+def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = AudioLimits(),
+                 cancel: threading.Event | None = None) -> np.ndarray:
     """Decode the first audio stream of a container (format sniffed from the bytes, not a name),
     mixed to mono and resampled to 16 kHz float32.
 
     As the ffmpeg command line (and so openai-whisper) does, a packet that fails to decode (a
     damaged stretch of the file) is skipped, and a file cut short gives what it holds; only a
     file of which nothing decodes fails. A stream whose sample rate or channels change midway
-    (concatenated files, broadcast recordings) is resampled piece by piece."""
+    (concatenated files, broadcast recordings) is resampled piece by piece. Once `cancel` is
+    set (the caller went away), decoding stops with CancelledError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise AudioError("the audio is empty")
@@ -61,6 +65,8 @@ def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = Au
             stream = container.streams.audio[0]
             try:
                 for packet in container.demux(stream):
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledError()
                     try:
                         frames = packet.decode()
                     except av.error.InvalidDataError:

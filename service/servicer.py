@@ -146,6 +146,8 @@ class _Call:
         first = await self._next_message()
         if first is None:
             raise invalid_argument("config", "the call ended before its config; send a config message first")
+        if first.WhichOneof("payload") is None:
+            raise invalid_argument("config", "the first message holds neither config nor audio; it must hold the config")
         if first.WhichOneof("payload") != "config":
             raise invalid_argument("config", "audio came before the config; the first message must hold the config")
         options, pcm = self._options(first.config)
@@ -156,7 +158,7 @@ class _Call:
             data = await self._receive_all()
             try:
                 audio = await loop.run_in_executor(self.servicer.executor, decode_audio, data,
-                                                   AudioLimits(self.config.max_audio_seconds))
+                                                   AudioLimits(self.config.max_audio_seconds), self.cancel)
             except AudioError as e:
                 raise invalid_argument("audio", str(e)) from None
         else:

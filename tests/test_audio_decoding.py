@@ -3,6 +3,8 @@ whose format changes midway."""
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import CancelledError
 
 import av
 import numpy as np
@@ -71,3 +73,10 @@ def test_a_file_of_which_nothing_decodes_is_refused():
     data[200:] = np.random.default_rng(1).integers(0, 256, len(data) - 200, np.uint8).tobytes()
     with pytest.raises(AudioError, match="could not be decoded"):
         decode_audio(bytes(data))
+
+
+def test_decoding_stops_once_cancelled():
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        decode_audio(encode(sine(2.0, 44100)[None], 44100, "mp3", "libmp3lame"), cancel=cancel)

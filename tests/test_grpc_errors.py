@@ -127,6 +127,10 @@ def test_no_messages(server):
     invalid(fails(stub(server.port), []), "config")
 
 
+def test_an_empty_first_message(server):
+    assert "neither config nor audio" in invalid(fails(stub(server.port), [pb.TranslateRequest()]), "config")
+
+
 @pytest.mark.parametrize("pcm_input", [False, True])
 def test_second_config(server, wav, pcm_input):
     cfg = config(encoding=S16, sample_rate_hertz=16000) if pcm_input else config()
