@@ -19,7 +19,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-PCM_FORMATS = {"s16le": np.int16, "f32le": np.float32}
+PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}  # little-endian on any host
 # Floating-point audio can hold these; the features of such a window would be meaningless.
 NOT_FINITE = "the audio holds NaN or infinite samples; floating-point samples must be finite, in [-1, 1]"
 

@@ -46,7 +46,7 @@ class PcmStream:
             raise AudioError(NOT_FINITE)
         self.frames_in += len(frames)
         mono = frames.astype(np.float32).mean(axis=1) if self.channels > 1 else frames[:, 0].astype(np.float32)
-        if self.dtype == np.int16:
+        if self.dtype.kind == "i":  # 16-bit integers
             mono /= 32768.0
         return self._resample(mono)
 
