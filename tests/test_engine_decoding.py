@@ -207,12 +207,15 @@ def test_on_waiting_tells_when_the_run_waits_on_its_audio(tiny_engine, mode):
 
 
 def test_extreme_repetition_penalties_give_finite_results(tiny_engine):
-    """The range's ends: a penalty of 1e-44 makes seen tokens' logits overflow unless kept finite."""
+    """The range's ends: a penalty of 1e-44 makes seen tokens' logits overflow unless kept finite,
+    also once divided by a temperature below 1."""
     m = mel(tiny_engine, 4)
     for penalty in (1e-44, 10.0):
-        r, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(0.0,), repetition_penalty=penalty,
-                                                       max_new_tokens=24))
-        assert r.tokens and np.isfinite(r.avg_logprob), (penalty, r.avg_logprob)
+        for temperature in (0.0, 0.5):
+            r, _ = tiny_engine.decode(m, TranscribeOptions(language="en", temperatures=(temperature,), seed=1,
+                                                           repetition_penalty=penalty, max_new_tokens=24))
+            # Finite, and not -3.4e38: a sample drawn from NaN is token 0, whatever its probability.
+            assert r.tokens and -1e3 < r.avg_logprob < 0, (penalty, temperature, r.avg_logprob)
 
 
 def test_segments_are_handed_out_in_order_as_they_finish(tiny_engine):

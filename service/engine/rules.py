@@ -197,7 +197,10 @@ def choose_tokens(logits: jax.Array, state: RowState, opts: RowOptions, vocab: V
     def sample(_):
         keys = jax.vmap(jax.random.fold_in)(opts.key, state.n_sampled)
         temperature = jnp.maximum(opts.temperature, 1e-6)[:, None]
-        return jax.vmap(jax.random.categorical)(keys, restrict_samples(logits / temperature, opts)).astype(jnp.int32)
+        # Kept finite as the penalty keeps them: a logit near the float's maximum, divided by a
+        # temperature below 1, would be inf, and the filters' thresholds NaN.
+        scaled = jnp.minimum(logits / temperature, jnp.finfo(logits.dtype).max)
+        return jax.vmap(jax.random.categorical)(keys, restrict_samples(scaled, opts)).astype(jnp.int32)
 
     # Drawing the noise costs a sixth of a CPU step: only when some row samples.
     sampled = jax.lax.cond(jnp.any(opts.temperature > 0), sample,
