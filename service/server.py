@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -210,7 +211,8 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
         except BaseException as e:
             loop.call_soon_threadsafe(_settle, ready, None, e)
 
-    threading.Thread(target=load, name="model-loader", daemon=True).start()
+    loader = threading.Thread(target=load, name="model-loader", daemon=True)
+    loader.start()
     stop_wait = asyncio.ensure_future(stopping.wait())
     await asyncio.wait([ready, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     status = 0
@@ -228,6 +230,12 @@ async def serve(config: ServerConfig, model: str, *, max_batch: int = 8, dtype: 
     if engine is not None:
         engine.close()
     stop_wait.cancel()
+    if loader.is_alive():
+        # Stopped while the model loads or compiles: the warm-up's compiler threads would keep the
+        # process alive until every program is compiled (minutes for large-v3 on CPU).
+        log.info("stopped before the model was ready")
+        logging.shutdown()
+        os._exit(status)
     return status
 
 

@@ -201,6 +201,35 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
             proc.wait()
 
 
+def test_sigterm_during_the_warm_up_stops_at_once(tiny_model):
+    """A supervisor stopping the service while it compiles (a rollout, a scale-down): the process
+    ends at once, not after the warm-up's remaining compiles."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model",
+                             str(tiny_model[0]), "--max-batch", "8", "--port", "0"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        wait_for(lambda: any(" loaded " in line for line in lines), timeout=120, interval=0.1)  # warm-up begins
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(30) == 0, "".join(lines)
+        assert time.monotonic() - started < 10, "".join(lines)
+        assert not any("warm-up compiled" in line for line in lines), "".join(lines)
+        assert any("stopped before the model was ready" in line for line in lines), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
     import argparse
 
