@@ -316,7 +316,7 @@ def test_words_are_timed_for_the_longest_text_a_window_holds(tiny_engine, frames
     features = tiny_engine.programs.encode(mel(tiny_engine, 10)[None])[0]
     timings = align_words(tiny_engine.programs, tok, features, sot, text, frames, "en")
     assert "".join(t.word for t in timings) == tok.decode(text)
-    assert [tok for t in timings for tok in t.tokens] == text
+    assert [token for t in timings for token in t.tokens] == text
     assert all(0.0 <= t.start <= t.end <= 30.0 for t in timings)
     assert [t.start for t in timings] == sorted(t.start for t in timings)
     if frames == 1:
