@@ -130,16 +130,21 @@ BEAM_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", BEAM_CASES)
-def test_beam_search_equals_openai_whisper(pair, case):
-    engine, om = pair
+def beam_search_pair(engine, om, case: str, seed: int):
+    """A beam case decoded by openai-whisper and by our engine on the same window: (ref, ours)."""
     kw = dict(BEAM_CASES[case])
-    mel = window_mel(engine.dims.n_mels, seed=len(case) + 20)
+    mel = window_mel(engine.dims.n_mels, seed=seed)
     ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, temperature=0.0, **kw))
     ours, _ = engine.decode(mel, TranscribeOptions(
         task=kw["task"], language=kw["language"], temperatures=(0.0,), beam_size=kw["beam_size"],
         patience=kw.get("patience"), length_penalty=kw.get("length_penalty"),
         timestamps=not kw.get("without_timestamps", False)))
+    return ref, ours
+
+
+@pytest.mark.parametrize("case", BEAM_CASES)
+def test_beam_search_equals_openai_whisper(pair, case):
+    ref, ours = beam_search_pair(*pair, case, seed=len(case) + 20)
     assert len(ref.tokens) > 0
     assert ours.tokens == ref.tokens
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
@@ -167,14 +172,7 @@ def ending_pair(tiny_model, model_root):
 # On these weights, English without timestamps repeats one token to the limit at every seed tried.
 @pytest.mark.parametrize("case", [case for case in BEAM_CASES if case != "transcribe-beam5-no-timestamps"])
 def test_beam_search_whose_hypotheses_end_equals_openai_whisper(ending_pair, case):
-    engine, om = ending_pair
-    kw = dict(BEAM_CASES[case])
-    mel = window_mel(engine.dims.n_mels, seed=len(case))
-    ref = whisper.decode(om, torch.from_numpy(mel), whisper.DecodingOptions(fp16=False, temperature=0.0, **kw))
-    ours, _ = engine.decode(mel, TranscribeOptions(
-        task=kw["task"], language=kw["language"], temperatures=(0.0,), beam_size=kw["beam_size"],
-        patience=kw.get("patience"), length_penalty=kw.get("length_penalty"),
-        timestamps=not kw.get("without_timestamps", False)))
+    ref, ours = beam_search_pair(*ending_pair, case, seed=len(case))
     assert 0 < len(ref.tokens) < 224  # ended
     assert ours.tokens == ref.tokens
     assert ours.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-4)
