@@ -146,9 +146,10 @@ class _Call:
         first = await self._next_message()
         if first is None:
             raise invalid_argument("config", "the call ended before its config; send a config message first")
-        if first.WhichOneof("payload") is None:
+        payload = first.WhichOneof("payload")
+        if payload is None:
             raise invalid_argument("config", "the first message holds neither config nor audio; it must hold the config")
-        if first.WhichOneof("payload") != "config":
+        if payload != "config":
             raise invalid_argument("config", "audio came before the config; the first message must hold the config")
         options, pcm = self._options(first.config)
         stream_deltas = first.config.stream_deltas
