@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    Server(config, args.log_level.lower()).run()
+    Server(config, args.log_level).run()
     return 0
 
 

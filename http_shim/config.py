@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass, field, fields
 
+from service.flags import env_flag, positive_integer, positive_number, seconds_or_off, size
 from service.model_names import WHISPER_ALIAS
 
 DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024  # OpenAI's limit on audio files
@@ -36,71 +36,29 @@ class Config:
         return Config(**values)
 
 
-# flag -> (environment variable, default, parser, help)
-def parse_size(text: str) -> int:
-    """Bytes: 26214400, 25MB, 25MiB, 25M, 512k."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (give bytes, or a number with KB, MB or GB)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
-    value = int(float(m.group(1)) * scale)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
-    return value
-
-
 def parse_origins(text: str) -> list[str]:
     return [o.strip().rstrip("/") for o in str(text).split(",") if o.strip()]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return v
-
-
-def _seconds_or_off(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive number of seconds, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return v
 
 
 FLAGS = [
     # flag, attribute, environment variable, type, help
     ("--host", "host", "DRAGOMAN_HTTP_HOST", str, "address to listen on"),
-    ("--port", "port", "DRAGOMAN_HTTP_PORT", _positive_int, "port to listen on"),
+    ("--port", "port", "DRAGOMAN_HTTP_PORT", positive_integer, "port to listen on"),
     ("--grpc-target", "grpc_target", "DRAGOMAN_GRPC_TARGET", str, "the gRPC SpeechService (host:port)"),
     ("--api-key", "api_key", "DRAGOMAN_API_KEY", str,
      "require 'Authorization: Bearer KEY' on /v1/ requests"),
-    ("--max-upload-bytes", "max_upload_bytes", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", parse_size,
+    ("--max-upload-bytes", "max_upload_bytes", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", size,
      "largest audio file accepted, in bytes or with a unit (25MB)"),
-    ("--request-timeout", "request_timeout", "DRAGOMAN_HTTP_REQUEST_TIMEOUT", _positive_float,
+    ("--request-timeout", "request_timeout", "DRAGOMAN_HTTP_REQUEST_TIMEOUT", positive_number,
      "seconds a request may take in the service before it answers 504"),
-    ("--upload-timeout", "upload_timeout", "DRAGOMAN_HTTP_UPLOAD_TIMEOUT", _seconds_or_off,
+    ("--upload-timeout", "upload_timeout", "DRAGOMAN_HTTP_UPLOAD_TIMEOUT", seconds_or_off,
      "seconds an upload may send nothing before it answers 408 (0: no limit)"),
     ("--cors-origins", "cors_origins", "DRAGOMAN_HTTP_CORS_ORIGINS", parse_origins,
      "comma-separated origins allowed by CORS, or '*'"),
-    ("--workers", "workers", "DRAGOMAN_HTTP_WORKERS", _positive_int, "gunicorn worker processes"),
-    ("--threads", "threads", "DRAGOMAN_HTTP_THREADS", _positive_int, "threads per worker (concurrent requests)"),
+    ("--workers", "workers", "DRAGOMAN_HTTP_WORKERS", positive_integer, "gunicorn worker processes"),
+    ("--threads", "threads", "DRAGOMAN_HTTP_THREADS", positive_integer, "threads per worker (concurrent requests)"),
 ]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -112,18 +70,11 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                     "/v1/models, /health) in front of the gRPC SpeechService, served by gunicorn.")
     for flag, attr, var, kind, help_text in FLAGS:
         default = getattr(defaults, attr)
-        if var in env and env[var] != "":
-            try:
-                default = kind(env[var])
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                p.error(f"{var}: {e}")
-        shown = "off" if default in (None, []) else (",".join(default) if isinstance(default, list) else default)
-        if attr == "api_key" and default:
-            shown = "set"
-        p.add_argument(flag, dest=attr, type=kind, default=default,
-                       help=f"{help_text} (env {var}; default {shown})")
-    p.add_argument("--log-level", default=env.get("DRAGOMAN_HTTP_LOG_LEVEL", "info"),
-                   help="debug, info, warning or error (env DRAGOMAN_HTTP_LOG_LEVEL; default %(default)s)")
+        shown = ("set" if env.get(var) else "off") if attr == "api_key" else None  # never the key itself
+        env_flag(p, flag, var, dest=attr, type=kind, default=default, help=help_text, env=env,
+                 shown=shown)
+    env_flag(p, "--log-level", "DRAGOMAN_HTTP_LOG_LEVEL", type=str.lower, choices=LOG_LEVELS, default="info",
+             help="how much gunicorn and the shim log", env=env)
     return p
 
 

@@ -13,21 +13,20 @@ from tqdm import tqdm
 from .audio import AudioError, decode_audio
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
 from .engine.lanes import lanes_wanted
+from .flags import env_flag, positive_integer
 from .languages import language_code
-from .settings import env_default
 
 DEFAULT_MODEL = "openai/whisper-large-v3"
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the command line and the server: which model, how to run it."""
-    p.add_argument("--model", default=os.environ.get("DRAGOMAN_MODEL", DEFAULT_MODEL),
-                   help="Hugging Face hub id, local model directory, or OpenAI .pt checkpoint "
-                        "(env DRAGOMAN_MODEL; default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=env_default(p, "DRAGOMAN_MAX_BATCH", int, 8),
-                   help="windows decoded together on the device (env DRAGOMAN_MAX_BATCH; default %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=os.environ.get("DRAGOMAN_DTYPE") or None,
-                   help="parameter and compute type (env DRAGOMAN_DTYPE; default float32 on CPU, bfloat16 on GPU/TPU)")
+    env_flag(p, "--model", "DRAGOMAN_MODEL", default=DEFAULT_MODEL,
+             help="Hugging Face hub id, local model directory, or OpenAI .pt checkpoint")
+    env_flag(p, "--max-batch", "DRAGOMAN_MAX_BATCH", type=positive_integer, default=8,
+             help="windows decoded together on the device")
+    env_flag(p, "--dtype", "DRAGOMAN_DTYPE", choices=("float32", "bfloat16"), default=None,
+             shown="float32 on CPU, bfloat16 on GPU/TPU", help="parameter and compute type")
 
 
 def add_file_arguments(p: argparse.ArgumentParser) -> None:

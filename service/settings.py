@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 
 from .engine import MODES
+from .flags import env_flag, integer, number, positive_integer, positive_number, seconds_or_off, size
 from .model_names import WHISPER_ALIAS
 
 
@@ -51,48 +51,28 @@ class ServerConfig:
             raise ValueError(f"receive_timeout must be 0 (no limit) or positive, got {self.receive_timeout}")
 
 
-def env_default(p: argparse.ArgumentParser, var: str, kind, default):
-    """A flag's default from its environment twin, if set; a value `kind` cannot read stops the
-    parser with an error naming the variable."""
-    text = os.environ.get(var, "")
-    if text == "":
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        p.error(f"{var}={text!r} is not {'an integer' if kind is int else 'a number'}")
-
-
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
     d = ServerConfig()
-    p.add_argument("--host", default=env("DRAGOMAN_HOST", d.host),
-                   help="address to listen on; 0.0.0.0 or [::] for every interface (env DRAGOMAN_HOST; default %(default)s)")
-    p.add_argument("--port", type=int, default=env_default(p, "DRAGOMAN_PORT", int, d.port),
-                   help="port to listen on; 0 picks a free one (env DRAGOMAN_PORT; default %(default)s)")
-    p.add_argument("--max-concurrent-streams", type=int,
-                   default=env_default(p, "DRAGOMAN_MAX_CONCURRENT_STREAMS", int, d.max_concurrent_streams),
-                   help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with "
-                        "a retry delay (env DRAGOMAN_MAX_CONCURRENT_STREAMS; default %(default)s)")
-    p.add_argument("--max-audio-seconds", type=float,
-                   default=env_default(p, "DRAGOMAN_MAX_AUDIO_SECONDS", float, d.max_audio_seconds),
-                   help="longest audio accepted per call, in seconds (env DRAGOMAN_MAX_AUDIO_SECONDS; default %(default)g)")
-    p.add_argument("--max-upload-bytes", type=int,
-                   default=env_default(p, "DRAGOMAN_MAX_UPLOAD_BYTES", int, d.max_upload_bytes),
-                   help="most audio bytes accepted per call (env DRAGOMAN_MAX_UPLOAD_BYTES; default %(default)s = 512 MiB)")
-    p.add_argument("--default-mode", choices=MODES, default=env("DRAGOMAN_DEFAULT_MODE", d.default_mode),
-                   help="long-form mode for requests that leave it unspecified: batched (30 s windows cut at pauses, "
-                        "decoded at once) or sequential (openai-whisper's loop) (env DRAGOMAN_DEFAULT_MODE; "
-                        "default %(default)s)")
-    p.add_argument("--grace-period", type=float,
-                   default=env_default(p, "DRAGOMAN_GRACE_PERIOD", float, d.grace_period),
-                   help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are "
-                        "cancelled (env DRAGOMAN_GRACE_PERIOD; default %(default)g)")
-    p.add_argument("--receive-timeout", type=float,
-                   default=env_default(p, "DRAGOMAN_RECEIVE_TIMEOUT", float, d.receive_timeout),
-                   help="seconds a call may wait on its client for the next message (time spent decoding the "
-                        "audio received so far does not count); it then fails with DEADLINE_EXCEEDED, freeing "
-                        "its stream. 0: no limit (env DRAGOMAN_RECEIVE_TIMEOUT; default %(default)g)")
+    env_flag(p, "--host", "DRAGOMAN_HOST", default=d.host,
+             help="address to listen on; 0.0.0.0 or [::] for every interface")
+    env_flag(p, "--port", "DRAGOMAN_PORT", type=integer, default=d.port, help="port to listen on; 0 picks a free one")
+    env_flag(p, "--max-concurrent-streams", "DRAGOMAN_MAX_CONCURRENT_STREAMS", type=positive_integer,
+             default=d.max_concurrent_streams,
+             help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with a retry delay")
+    env_flag(p, "--max-audio-seconds", "DRAGOMAN_MAX_AUDIO_SECONDS", type=positive_number, default=d.max_audio_seconds,
+             shown="%(default)g", help="longest audio accepted per call, in seconds")
+    env_flag(p, "--max-upload-bytes", "DRAGOMAN_MAX_UPLOAD_BYTES", type=size, default=d.max_upload_bytes,
+             shown="512MiB", help="most audio bytes accepted per call, in bytes or with a unit (1GB)")
+    env_flag(p, "--default-mode", "DRAGOMAN_DEFAULT_MODE", choices=MODES, default=d.default_mode,
+             help="long-form mode for requests that leave it unspecified: batched (30 s windows cut at pauses, "
+                  "decoded at once) or sequential (openai-whisper's loop)")
+    env_flag(p, "--grace-period", "DRAGOMAN_GRACE_PERIOD", type=number, default=d.grace_period, shown="%(default)g",
+             help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are cancelled")
+    env_flag(p, "--receive-timeout", "DRAGOMAN_RECEIVE_TIMEOUT", type=seconds_or_off, default=d.receive_timeout,
+             shown="%(default)g",
+             help="seconds a call may wait on its client for the next message (time spent decoding the audio "
+                  "received so far does not count); it then fails with DEADLINE_EXCEEDED, freeing its stream. "
+                  "0: no limit")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -90,12 +90,16 @@ def test_unknown_language_and_missing_model_are_clear_errors(tiny_model, files):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
-@pytest.mark.parametrize("name, value, message", [("DRAGOMAN_CPU_LANES", "maybe", "'maybe' is not one of on, off"),
-                                                  ("DRAGOMAN_MALLOC", "jemalloc", "'jemalloc' is not one of tcmalloc, system"),
-                                                  ("DRAGOMAN_MAX_BATCH", "eight", "'eight' is not an integer")])
+@pytest.mark.parametrize("name, value, message", [
+    ("DRAGOMAN_CPU_LANES", "maybe", "DRAGOMAN_CPU_LANES='maybe' is not one of on, off"),
+    ("DRAGOMAN_MALLOC", "jemalloc", "DRAGOMAN_MALLOC='jemalloc' is not one of tcmalloc, system"),
+    ("DRAGOMAN_MAX_BATCH", "eight", "DRAGOMAN_MAX_BATCH: not an integer: 'eight'"),
+    ("DRAGOMAN_MAX_BATCH", "0", "DRAGOMAN_MAX_BATCH: must be a positive integer, got '0'"),
+    ("DRAGOMAN_DTYPE", "float16", "DRAGOMAN_DTYPE: 'float16' is not one of float32, bfloat16"),
+])
 def test_a_bad_setting_is_named_before_a_model_loads(files, name, value, message):
     r = run_cli("translate", str(files["wav"]), "--model", "/nonexistent/model", **{name: value})
-    assert r.returncode == 2 and f"{name}={message}" in r.stderr and "does not exist" not in r.stderr
+    assert r.returncode == 2 and message in r.stderr and "does not exist" not in r.stderr
 
 
 def test_decoding_controls_reach_the_engine(tiny_model, files):

@@ -250,9 +250,18 @@ def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
         with pytest.raises(ValueError, match="max_audio_seconds must be a positive number of seconds"):
             ServerConfig(max_audio_seconds=bad)
     monkeypatch.setenv("DRAGOMAN_MAX_UPLOAD_BYTES", "1GB")
-    with pytest.raises(SystemExit):
-        add_server_arguments(argparse.ArgumentParser())
-    assert "DRAGOMAN_MAX_UPLOAD_BYTES='1GB' is not an integer" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    assert parser.parse_args([]).max_upload_bytes == 1 << 30
+    # argparse checks neither the type nor the choices of a default: a variable is read as its flag is.
+    for var, value, message in [("DRAGOMAN_MAX_UPLOAD_BYTES", "lots", "not a size: 'lots'"),
+                                ("DRAGOMAN_DEFAULT_MODE", "fast", "'fast' is not one of batched, sequential"),
+                                ("DRAGOMAN_MAX_CONCURRENT_STREAMS", "0", "must be a positive integer, got '0'")]:
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SystemExit):
+            add_server_arguments(argparse.ArgumentParser())
+        assert f"{var}: {message}" in capsys.readouterr().err
+        monkeypatch.delenv(var)
 
 
 class FreezableProxy:

@@ -567,6 +567,29 @@ def test_config_flags_and_env():
     assert math.isclose(parse_args([], env={"DRAGOMAN_HTTP_REQUEST_TIMEOUT": "2.5"}).request_timeout, 2.5)
 
 
+@pytest.mark.parametrize("var, value, message", [
+    ("DRAGOMAN_HTTP_PORT", "http", "DRAGOMAN_HTTP_PORT: not an integer: 'http'"),
+    ("DRAGOMAN_HTTP_REQUEST_TIMEOUT", "inf", "DRAGOMAN_HTTP_REQUEST_TIMEOUT: must be a positive number, got 'inf'"),
+    ("DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", "0MB", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES: the size must be positive, got '0MB'"),
+    ("DRAGOMAN_HTTP_LOG_LEVEL", "loud", "DRAGOMAN_HTTP_LOG_LEVEL: 'loud' is not one of debug, info, warning, error"),
+])
+def test_a_bad_environment_variable_is_named(var, value, message, capsys):
+    from http_shim.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([], env={var: value})
+    assert message in capsys.readouterr().err
+
+
+def test_the_api_key_is_never_shown_in_the_help(capsys):
+    from http_shim.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], env={"DRAGOMAN_API_KEY": "sk-secret"})
+    shown = capsys.readouterr().out
+    assert "sk-secret" not in shown and "default set" in shown
+
+
 def test_unknown_fields_are_logged_and_ignored(client, caplog):
     caplog.set_level("INFO", logger="http_shim")
     resp = post(client, "/v1/audio/transcriptions", [("model", "whisper-1"), ("colour", "blue"),
