@@ -357,7 +357,8 @@ class Upload:
             finally:
                 self.call.cancel()
             body = render.render(result, p.response_format, p.task, p.timestamp_granularities)
-            return Response(body, mimetype=render.MIMETYPES[p.response_format], headers=headers)
+            # content_type, not mimetype: Flask adds a second charset to a text/* mimetype that has one.
+            return Response(body, content_type=render.MIMETYPES[p.response_format], headers=headers)
         return self._stream(events, headers)
 
     def _stream(self, events: Iterator, headers: dict) -> Response:

@@ -25,7 +25,7 @@ class APIError(Exception):
     """An error answered to the client: HTTP status plus OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, retry_after: float | None = None):
+                 type: str | None = None, retry_after: float | None = None, retry: bool | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -33,6 +33,9 @@ class APIError(Exception):
         self.code = code
         self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.retry_after = retry_after
+        # OpenAI's SDKs retry 408, 409, 429 and every 5xx unless told otherwise (`x-should-retry`): a
+        # request that ran out of time or that the service cannot do would only be decoded again.
+        self.retry = retry
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -44,6 +47,8 @@ class APIError(Exception):
         h: dict[str, str] = {}
         if self.retry_after is not None:
             h["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        if self.retry is not None:
+            h["x-should-retry"] = "true" if self.retry else "false"
         if self.status == 401:
             h["WWW-Authenticate"] = 'Bearer realm="dragoman"'
         return h

@@ -32,9 +32,9 @@ MAX_PARTS = 200
 
 # OpenAI fields that exist for other models and have no meaning here: accepted, logged, ignored.
 IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]",
-           "stream_continuous_usage_stats", "user", "top_p", "top_k", "min_p", "frequency_penalty",
-           "presence_penalty", "vllm_xargs"}
+           "stream_continuous_usage_stats", "user", "frequency_penalty", "presence_penalty", "vllm_xargs"}
 DEFAULT_BEAM_WIDTH = 5  # use_beam_search=true without n or beam_size: openai-whisper's CLI default
+MAX_WINDOW_TOKENS = 448  # the most tokens a 30 s window produces (the service's limit)
 MAX_CANDIDATES = 10  # beam_size, best_of and n (as the beam width) are at most this
 OFF = ("none", "null", "off")  # a threshold given as one of these is turned off
 BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
@@ -241,6 +241,14 @@ def _top_k(p: Params, name: str, value: str) -> None:
         p.top_k = None
 
 
+def _max_tokens(p: Params, name: str, value: str) -> None:
+    """Tokens per 30 s window: at least 1; more than a window holds (448) is taken as 448, as vLLM
+    caps the number at the model's length (its clients send 1024 and more)."""
+    _int(1, 2**63 - 1, "max_completion_tokens")(p, name, value)
+    if p.max_completion_tokens is not None:
+        p.max_completion_tokens = min(p.max_completion_tokens, MAX_WINDOW_TOKENS)
+
+
 def _language(p: Params, name: str, value: str) -> None:
     if value.strip() == "":
         p.language = None
@@ -276,9 +284,9 @@ _SETTERS = {
     "stream_include_usage": _bool,
     "seed": _int(-(2**63), 2**64 - 1),
     "repetition_penalty": _float(0.0, 10.0, lo_open=True),
-    "max_completion_tokens": _int(1, 448, "max_completion_tokens"),
-    "max_new_tokens": _int(1, 448, "max_completion_tokens"),
-    "max_tokens": _int(1, 448, "max_completion_tokens"),
+    "max_completion_tokens": _max_tokens,
+    "max_new_tokens": _max_tokens,
+    "max_tokens": _max_tokens,
     "to_language": _to_language,
     "beam_size": _int(1, MAX_CANDIDATES),
     "best_of": _int(1, MAX_CANDIDATES),

@@ -114,15 +114,17 @@ def http_error(err: grpc.RpcError, overrides: dict[str, str] | None = None) -> A
         return APIError(408, "The upload stalled: the speech service received nothing for longer than its receive "
                              "timeout", code="request_timeout")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return APIError(504, "The request took longer than the server's request timeout", code="timeout")
+        return APIError(504, "The request took longer than the server's request timeout", code="timeout",
+                        retry=False)
     if code == grpc.StatusCode.CANCELLED:
         return APIError(503, f"The speech service cancelled the request: {message}", code="cancelled")
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return APIError(501, f"Not supported by the speech service: {message}", code="not_implemented")
+        return APIError(501, f"Not supported by the speech service: {message}", code="not_implemented",
+                        retry=False)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return APIError(400, message, code="failed_precondition")
     log.error("speech service call failed: %s %s", code, message)
-    return APIError(500, f"The speech service failed: {message}", code="internal_error")
+    return APIError(500, f"The speech service failed: {message}", code="internal_error", retry=False)
 
 
 def _config(r: Request) -> speech_pb2.Config:

@@ -127,8 +127,9 @@ def _cues(segments: list[Segment]) -> list[tuple[float, float, str]]:
         text = s.text.strip()
         if not text:
             continue
-        # A cue's text must not hold a blank line (it would end the cue); its end is not before its start.
-        text = "\n".join(line.strip() for line in text.splitlines() if line.strip())
+        # A cue's text must not hold a blank line (it would end the cue) or the arrow of a timing line (as
+        # openai-whisper writes both formats); its end is not before its start.
+        text = "\n".join(line.strip() for line in text.splitlines() if line.strip()).replace("-->", "->")
         cues.append((s.start, max(s.start, s.end), text))
     return cues
 
@@ -143,7 +144,6 @@ def to_srt(segments: list[Segment]) -> str:
 def to_vtt(segments: list[Segment]) -> str:
     out = ["WEBVTT\n"]
     for start, end, text in _cues(segments):
-        text = text.replace("-->", "->")  # the arrow only belongs on the timing line
         out.append(f"{_stamp(start, '.')} --> {_stamp(end, '.')}\n{text}\n")
     return "\n".join(out)
 

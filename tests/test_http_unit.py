@@ -158,6 +158,13 @@ def test_srt_and_vtt_parse_and_skip_empty_segments():
     assert to_srt([]) == "" and to_vtt([]).startswith("WEBVTT")
 
 
+def test_a_timing_arrow_in_the_text_does_not_reach_a_cue():
+    """A cue line holding '-->' would read as a timing line to SRT and WebVTT parsers alike."""
+    seg = Segment(0, 0, 0.0, 1.0, " a --> b")
+    assert [s.content for s in srt.parse(to_srt([seg]))] == ["a -> b"]
+    assert [c.text for c in webvtt.from_string(to_vtt([seg]))] == ["a -> b"]
+
+
 def test_long_timestamps():
     seg = Segment(0, 0, 3725.5, 3727.0049, " x")
     assert "01:02:05,500 --> 01:02:07,005" in to_srt([seg])
@@ -199,7 +206,7 @@ def test_params_checks():
     p = Params("transcribe")
     for name, value in [("temperature", "3"), ("temperature", "hot"), ("language", "xx"), ("seed", "1.5"),
                         ("response_format", "docx"), ("stream", "maybe"), ("repetition_penalty", "0"),
-                        ("max_completion_tokens", "449"), ("timestamp_granularities[]", "sentence")]:
+                        ("max_completion_tokens", "0"), ("timestamp_granularities[]", "sentence")]:
         with pytest.raises(APIError) as e:
             p.set_field(name, value)
         assert e.value.status == 400 and e.value.param.rstrip("[]") == name.rstrip("[]")
@@ -212,6 +219,10 @@ def test_params_checks():
     assert p.language == "it" and p.temperature == 0.2 and not p.word_timestamps
     p.set_field("response_format", "verbose_json")
     assert p.word_timestamps
+    for name, value, taken in [("max_completion_tokens", "448", 448), ("max_tokens", "1024", 448),
+                               ("max_new_tokens", "1", 1), ("max_completion_tokens", "9" * 18, 448)]:
+        p.set_field(name, value)  # above a window's 448 tokens: capped, as vLLM caps it at the model's length
+        assert p.max_completion_tokens == taken
     assert p.set_field("chunking_strategy", "auto") is False
     t = Params("translate")
     t.set_field("to_language", "en")
@@ -414,6 +425,7 @@ def test_formats(client, fmt):
                                                       ("file", ("a.mp3", AUDIO))])
     assert resp.status_code == 200
     text = resp.get_data(as_text=True)
+    assert resp.headers["Content-Type"].count("charset") == (0 if fmt.endswith("json") else 1)
     if fmt == "json":
         assert resp.get_json() == {"text": TEXT.strip(), "usage": {"type": "duration", "seconds": 4}}
     elif fmt == "text":
@@ -650,12 +662,15 @@ def _info(reason, domain="dragoman.v1"):
      None),
     (grpc.StatusCode.DEADLINE_EXCEEDED, [_info("AUDIO_TIMEOUT")], 408, None, None),
     (grpc.StatusCode.INTERNAL, [], 500, None, None),
+    (grpc.StatusCode.UNIMPLEMENTED, [], 501, None, None),
 ])
 def test_grpc_errors_to_http(code, details, status, param, retry_after):
     from http_shim.grpc_backend import http_error
 
     err = http_error(FakeRpcError(code, "something happened", details))
     assert (err.status, err.param, err.headers().get("Retry-After")) == (status, param, retry_after)
+    # OpenAI's SDKs would send a timed-out or failed request again, twice, unless told not to.
+    assert err.headers().get("x-should-retry") == ("false" if status in (500, 501, 504) else None)
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
     assert err.body()["error"]["type"] == ("invalid_request_error" if status < 429 else
                                            "rate_limit_error" if status == 429 else "server_error")

@@ -186,3 +186,10 @@ def test_offline_hub_without_cache_says_how_to_use_a_local_directory(tmp_path):
     assert "CheckpointError" in done.stderr
     assert str(tmp_path / "hf") in done.stderr
     assert "--model /path/to/a/local/model/directory" in done.stderr
+
+
+def test_a_batch_of_no_windows_is_refused_before_the_weights_are_read(tmp_path):
+    """Checked first: a path that does not exist is not even looked at."""
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_batch must be at least 1, got {bad}"):
+            Engine.load(str(tmp_path / "nonexistent"), max_batch=bad)

@@ -46,13 +46,19 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _checked_batch(max_batch: int) -> int:
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    return max_batch
+
+
 class Engine:
     def __init__(self, params: dict, dims: ModelDimensions, tokenizer: WhisperTokenizer, *, max_batch: int = 8,
                  name: str = "whisper", max_queue: int = 4096):
         self.dims = dims
         self.tokenizer = tokenizer
         self.name = name
-        self.max_batch = max_batch
+        self.max_batch = _checked_batch(max_batch)
         # Whisper's vocabulary ends with its 1501 timestamp tokens. Another model's tokenizer (large-v2's
         # beside large-v3's weights) would shift every special token by the difference.
         if tokenizer.timestamp_begin + 1501 != dims.n_vocab:
@@ -73,6 +79,7 @@ class Engine:
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        _checked_batch(max_batch)  # before the weights are read
         t0 = time.perf_counter()
         ckpt = weights.resolve(model)
         tokenizer = WhisperTokenizer.from_directory(ckpt.directory, ckpt.dims.n_vocab)
