@@ -2,7 +2,8 @@
 # `make test`: set up .venv (and the Node.js test tools) and run every check CI runs.
 PY := .venv/bin/python
 BUF := node_modules/.bin/buf
-MODEL ?= openai/whisper-large-v3
+# MODEL empty: scripts/run.sh's default (DRAGOMAN_MODEL, else openai/whisper-large-v3).
+MODEL ?=
 
 .PHONY: run test pytest proto proto-check bench
 

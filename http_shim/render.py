@@ -109,7 +109,8 @@ def verbose(result: Result, task: str, granularities: list[str]) -> dict:
 
 
 def _num(x: float) -> float | None:
-    """A float for JSON: rounded off float32 noise; null for NaN (English-only models give no no_speech_prob)."""
+    """A float for JSON: rounded off float32 noise; null for NaN (no_speech_prob of a model without a
+    no-speech token)."""
     return float(f"{x:.6g}") if math.isfinite(x) else None
 
 

@@ -5,7 +5,8 @@
 #
 #   MODEL=openai/whisper-large-v3 scripts/run.sh
 #
-# Environment: MODEL (hub id, model directory or .pt checkpoint; default openai/whisper-large-v3),
+# Environment: MODEL (hub id, model directory or .pt checkpoint; default DRAGOMAN_MODEL, else
+# openai/whisper-large-v3),
 # DRAGOMAN_PORT (gRPC port, default 50051), DRAGOMAN_HTTP_HOST / DRAGOMAN_HTTP_PORT (HTTP address,
 # default 127.0.0.1:8000), DRAGOMAN_API_KEY, and the other DRAGOMAN_* variables of
 # `python -m service serve --help` and `python -m http_shim --help`.
@@ -17,7 +18,7 @@ if [[ ! -x $PY ]]; then
     echo "error: $PY not found; run 'make run' (or create .venv and pip install -e .) first" >&2
     exit 1
 fi
-MODEL="${MODEL:-openai/whisper-large-v3}"
+MODEL="${MODEL:-${DRAGOMAN_MODEL:-openai/whisper-large-v3}}"
 GRPC_PORT="${DRAGOMAN_PORT:-50051}"
 export DRAGOMAN_GRPC_TARGET="${DRAGOMAN_GRPC_TARGET:-127.0.0.1:$GRPC_PORT}"
 
