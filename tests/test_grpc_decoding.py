@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from dragoman.v1 import speech_pb2 as pb
 from grpc_support import call, config, encode, seconds, start_server, stub, tone
 from service.audio import decode_audio
 from service.engine import TranscribeOptions
@@ -61,6 +62,8 @@ def test_beam_search_equals_the_engines(client, wav, tiny_engine):
     assert r.segments and r.summary.text == "".join(s.text for s in r.segments)
     assert all(s.temperature == 0 for s in r.segments)
     assert same(segments(r), engine_segments(tiny_engine, wav, language="en", beam_size=5, temperatures=(0.0,)))
+    # On this audio five beams find another text than greedy decoding: a dropped beam_size would show.
+    assert not same(segments(r), engine_segments(tiny_engine, wav, language="en", temperatures=(0.0,)))
 
 
 def test_beam_search_with_patience_and_length_penalty_equals_the_engines(client, wav, tiny_engine):
@@ -85,6 +88,50 @@ def test_best_of_is_reproducible_and_equals_the_engines(client, wav, tiny_engine
     assert all(s.temperature == pytest.approx(0.6) for s in first.segments)
     assert same(segments(first), engine_segments(tiny_engine, wav, language="en", best_of=3, seed=77,
                                                  temperatures=(0.6,)))
+    # The best of three is not the first sample here: a dropped best_of would show.
+    assert not same(segments(first), engine_segments(tiny_engine, wav, language="en", seed=77, temperatures=(0.6,)))
+
+
+class RecordingEngine:
+    """The engine, keeping the options of each transcription it is asked for (it does the work)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.options: list[TranscribeOptions] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def transcribe(self, audio, options, **kwargs):
+        self.options.append(options)
+        return self.engine.transcribe(audio, options, **kwargs)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(language="Italian", prompt="Dragoman", temperature=0.2, seed=9, repetition_penalty=1.25, max_new_tokens=3,
+          long_form_mode=pb.LONG_FORM_MODE_SEQUENTIAL, timestamp_granularities=[pb.TIMESTAMP_GRANULARITY_WORD],
+          beam_size=3, patience=2.0, length_penalty=0.5, compression_ratio_threshold=2.0,
+          logprob_threshold=math.nan, no_speech_threshold=0.5),
+     TranscribeOptions(task="translate", language="it", prompt="Dragoman", temperatures=(0.2, 0.4, 0.6, 0.8, 1.0),
+                       seed=9, repetition_penalty=1.25, max_new_tokens=3, mode="sequential", word_timestamps=True,
+                       beam_size=3, patience=2.0, length_penalty=0.5, compression_ratio_threshold=2.0,
+                       logprob_threshold=None, no_speech_threshold=0.5)),
+    (dict(language="en", temperature=0.6, temperature_fallback=False, best_of=4, top_k=3, top_p=0.9, min_p=0.01,
+          max_new_tokens=2),
+     TranscribeOptions(task="translate", language="en", temperatures=(0.6,), best_of=4, top_k=3, top_p=0.9,
+                       min_p=0.01, max_new_tokens=2)),
+])
+def test_every_config_field_reaches_the_engine(tiny_engine, wav, fields, expected):
+    """The options the servicer hands the engine are exactly those the Config stands for: none
+    dropped, none read from another field (end-to-end equality above cannot tell an option that
+    changes nothing on this audio, such as patience, from one that never arrived)."""
+    engine = RecordingEngine(tiny_engine)
+    srv = start_server(engine)
+    try:
+        r = call(stub(srv.port), "translate", pb.Config(**fields), wav)
+    finally:
+        srv.stop()
+    assert r.summary is not None and engine.options == [expected]
 
 
 def test_sampling_filters_equal_the_engines(client, wav, tiny_engine):

@@ -395,6 +395,8 @@ def test_sdk_best_of(servers):
     assert first.segments and _segments(first) == _segments(second)
     assert all(s.temperature == pytest.approx(0.6) for s in first.segments)
     assert _segments(first) == _grpc_segments(servers, best_of=3, temperature=0.6, temperature_fallback=False)
+    # The best of three is not the one sample drawn without best_of: a best_of lost on the way would show.
+    assert _segments(first) != _segments(_verbose(servers, temperature=0.6, temperature_fallback=False))
 
 
 def test_sdk_sampling_filters(servers):

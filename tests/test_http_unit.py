@@ -334,6 +334,7 @@ def test_decoding_fields_reach_the_service(client, backend):
 
 
 def test_decoding_fields_in_the_grpc_config():
+    from dragoman.v1 import speech_pb2 as pb
     from http_shim.backend import Request
     from http_shim.grpc_backend import _config
 
@@ -349,6 +350,13 @@ def test_decoding_fields_in_the_grpc_config():
                                                "temperature_fallback", "compression_ratio_threshold",
                                                "logprob_threshold", "no_speech_threshold", "top_k", "top_p", "min_p"))
     assert _config(Request(task="transcribe", model="m", temperature_fallback=True)).HasField("temperature_fallback")
+    cfg = _config(Request(task="translate", model="m", language="it", prompt="Roma", temperature=0.25, seed=9,
+                          repetition_penalty=1.25, max_new_tokens=3, word_timestamps=True, stream_deltas=True))
+    assert (cfg.model, cfg.language, cfg.prompt, cfg.temperature, cfg.seed, cfg.repetition_penalty,
+            cfg.max_new_tokens, cfg.stream_deltas) == ("m", "it", "Roma", 0.25, 9, 1.25, 3, True)
+    assert list(cfg.timestamp_granularities) == [pb.TIMESTAMP_GRANULARITY_SEGMENT, pb.TIMESTAMP_GRANULARITY_WORD]
+    assert not any(unset.HasField(f) for f in ("temperature", "repetition_penalty", "max_new_tokens"))
+    assert list(unset.timestamp_granularities) == [pb.TIMESTAMP_GRANULARITY_SEGMENT] and not unset.stream_deltas
 
 
 @pytest.mark.parametrize("seed, folded", [(None, 0), (4419, 4419), (-1, -1), (2**63 - 1, 2**63 - 1),
@@ -399,7 +407,7 @@ def test_bad_decoding_fields(client, backend, fields, param, order):
 
 
 FIELDS = [("model", "whisper-1"), ("language", "it"), ("temperature", "0"), ("seed", "4419"),
-          ("repetition_penalty", "1.3")]
+          ("repetition_penalty", "1.3"), ("prompt", "Dragoman, Roma")]
 
 
 @pytest.mark.parametrize("order", ["fields_first", "file_first", "file_between"])
@@ -410,13 +418,12 @@ def test_audio_reaches_the_service_whatever_the_field_order(client, backend, ord
     resp = post(client, "/v1/audio/translations", parts + [("response_format", "json")])
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json() == {"text": TEXT.strip()}
-    live = [c for c in backend.calls if not c.cancelled or c.closed]
     call = backend.calls[-1]
     assert bytes(call.audio) == AUDIO and call.closed
+    assert all(c.cancelled for c in backend.calls[:-1])  # a call started before a field changed it is dropped
     r = call.request
-    assert (r.task, r.model, r.language, r.temperature, r.seed, r.repetition_penalty) == (
-        "translate", "/models/whisper-large-v3", "it", 0.0, 4419, 1.3)
-    assert live
+    assert (r.task, r.model, r.language, r.temperature, r.seed, r.repetition_penalty, r.prompt) == (
+        "translate", "/models/whisper-large-v3", "it", 0.0, 4419, 1.3, "Dragoman, Roma")
 
 
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "verbose_json", "vtt"])
