@@ -109,7 +109,21 @@ def test_steps_that_read_only_the_live_part_of_the_context_choose_the_same_token
 def test_max_new_tokens_bounds_each_window(tiny_engine):
     result, _ = tiny_engine.decode(mel(tiny_engine, 2), TranscribeOptions(language="en", temperatures=(0.0,),
                                                                          timestamps=False, max_new_tokens=5))
-    assert 1 <= len(result.tokens) <= 5
+    assert len(result.tokens) == 5  # random weights never end a text: it runs to the bound
+
+
+def test_usage_counts_the_prompt_and_the_tokens_of_every_attempt(tiny_engine):
+    audio = speechlike(10.0)
+    options = dict(language="en", timestamps=False, max_new_tokens=4)
+    once = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), **options))
+    assert [len(s.tokens) for s in once.segments] == [4]  # random weights never end a text: cut at 4, no end
+    # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>, then 4 tokens.
+    assert (once.prompt_tokens, once.completion_tokens) == (4, 4)
+    every = tiny_engine.transcribe(audio, TranscribeOptions(**options))  # fails the thresholds at 0, 0.2 ... 1
+    assert [s.temperature for s in every.segments] == [1.0]
+    assert (every.prompt_tokens, every.completion_tokens) == (6 * 4, 6 * 4)
+    prompted = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), prompt=" Ana", **options))
+    assert prompted.prompt_tokens == 4 + 2  # <|startofprev|> and the prompt's one token
 
 
 def test_repetition_penalty_changes_the_choice_of_repeated_tokens(tiny_engine):

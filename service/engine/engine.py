@@ -271,8 +271,8 @@ class _Run:
                          top_k=min(o.top_k or 0, 2**31 - 1), top_p=o.top_p, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
-        with self._count_lock:
-            self.completion_tokens += len(out.tokens) + 1
+        with self._count_lock:  # and its end-of-text, unless the window was cut at its most tokens
+            self.completion_tokens += min(len(out.tokens) + 1, self.sample_len)
         text = self.tok.decode(out.tokens).strip()
         return WindowResult(out.tokens, text, temperature, out.sum_logprob / (len(out.tokens) + 1),
                             compression_ratio(text), out.no_speech_prob)
