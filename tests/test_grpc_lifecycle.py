@@ -158,7 +158,8 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
     and on SIGTERM (sent twice) the call in flight completes, new calls are refused, and it exits 0."""
     env = {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DRAGOMAN_MALLOC")},
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu"}
+           "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu",
+           "DRAGOMAN_MAX_CONCURRENT_STREAMS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model",
                              str(tiny_model[0]), "--max-batch", "1", "--port", "0"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -185,7 +186,15 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
             yield pb.TranscribeRequest(audio=wav)
 
         in_flight = stub(port).Transcribe(held(), timeout=120)
-        time.sleep(0.5)
+
+        def held_by_the_server() -> bool:  # its one stream taken: another call is refused
+            try:
+                list(stub(port).Transcribe(requests("transcribe", config(), wav), timeout=10))
+            except grpc.RpcError as e:
+                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+
+        wait_for(held_by_the_server, timeout=30, interval=0.1)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: any("shutting down" in line for line in lines), timeout=10)
         proc.send_signal(signal.SIGTERM)  # as a supervisor and the process group each send one
