@@ -331,10 +331,12 @@ class Upload:
         p = self.params
         model = self.state.catalog.resolve(p.model)
         beam_size, beam_field = p.beam()
+        decoding = {name: getattr(p, name) for name in DECODING_FIELDS}
+        decoding["length_penalty"] = p.ranking_penalty()
         return Request(task=p.task, model=model, language=p.language, prompt=p.prompt, temperature=p.temperature,
                        seed=p.seed, repetition_penalty=p.repetition_penalty, max_new_tokens=p.max_completion_tokens,
                        word_timestamps=p.word_timestamps, stream_deltas=p.stream, beam_size=beam_size,
-                       beam_field=beam_field, **{name: getattr(p, name) for name in DECODING_FIELDS})
+                       beam_field=beam_field, **decoding)
 
     def _complete(self) -> bool:
         """Whether the fields so far make a request the service can take: patience waits for its beam

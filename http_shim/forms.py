@@ -96,6 +96,20 @@ class Params:
             return self.n, "n"
         return DEFAULT_BEAM_WIDTH, "use_beam_search"
 
+    def ranking_penalty(self) -> float | None:
+        """length_penalty as the service takes it (openai-whisper's: a score is divided by
+        ((5 + length) / 6) ** alpha, or by the length when None). With use_beam_search it is vLLM's,
+        whose score is divided by length ** alpha: its default 1 is openai-whisper's None and 0 is 0
+        in both; other exponents have no equal here and are refused rather than ranked otherwise."""
+        if not self.use_beam_search or self.length_penalty is None or self.length_penalty == 0:
+            return self.length_penalty
+        if self.length_penalty == 1:
+            return None
+        raise bad_request(f"length_penalty={self.length_penalty:g} with use_beam_search is vLLM's length exponent "
+                          "(score / length ** alpha), which this server ranks by only for 0 and 1; give beam_size "
+                          "instead of use_beam_search for openai-whisper's penalty (score / ((5 + length) / 6) ** "
+                          "alpha, alpha in [0, 1])", "length_penalty")
+
     def set_field(self, name: str, value: str) -> bool:
         """Apply one text field. Returns False for a field that is not ours (logged and ignored);
         raises APIError (400) naming the field for a bad value."""

@@ -309,6 +309,17 @@ def test_beam_width_from_beam_size_or_vllms_fields(client, backend, fields, beam
     assert (r.beam_size, r.beam_field) == beam
 
 
+@pytest.mark.parametrize("fields, sent", [
+    ({"use_beam_search": "true", "length_penalty": "1"}, None),  # vLLM's score / length: openai-whisper's default
+    ({"use_beam_search": "true", "length_penalty": "0"}, 0.0),  # no length normalisation in either
+    ({"beam_size": "3", "length_penalty": "1"}, 1.0),  # openai-whisper's ((5 + length) / 6) ** 1
+])
+def test_length_penalty_of_vllms_beam_search_is_ranked_as_vllm_ranks(client, backend, fields, sent):
+    resp = post(client, "/v1/audio/transcriptions", list(fields.items()) + [("file", ("a.wav", AUDIO))])
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert backend.calls[-1].request.length_penalty == sent
+
+
 def test_decoding_fields_reach_the_service(client, backend):
     fields = [("beam_size", "3"), ("best_of", "2"), ("patience", "1.5"), ("length_penalty", "0.25"),
               ("temperature_fallback", "false"), ("compression_ratio_threshold", "3.5"),
@@ -390,6 +401,7 @@ BAD_DECODING = [
     ({"use_beam_search": "true", "n": "11"}, "n"), ({"use_beam_search": "true", "n": "0"}, "n"),
     ({"n": "three"}, "n"), ({"use_beam_search": "true", "n": "3", "beam_size": "4"}, "n"),
     ({"use_beam_search": "false", "beam_size": "4"}, "use_beam_search"),
+    ({"use_beam_search": "true", "length_penalty": "0.5"}, "length_penalty"),  # vLLM's exponent: no equal here
 ]
 
 
