@@ -138,6 +138,30 @@ def test_sampling_controls_give_what_the_engine_gives(tiny_model, tiny_engine, f
     assert any(cache.iterdir()), "compiled programs are kept in the cache"
 
 
+def test_every_decoding_flag_becomes_its_option():
+    """The flags map one to one onto the engine's options (the runs above show the engine then
+    gives what it gives for those options)."""
+    import argparse
+
+    from service.cli import add_file_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_file_arguments(parser)
+    args = parser.parse_args([
+        "a.wav", "--language", "Italian", "--prompt", "Roma", "--temperature", "0.2", "--seed", "9",
+        "--repetition-penalty", "1.25", "--mode", "sequential", "--max-new-tokens", "7", "--without-timestamps",
+        "--word-timestamps", "--beam-size", "3", "--best-of", "4", "--patience", "2", "--length-penalty", "0.5",
+        "--top-k", "5", "--top-p", "0.8", "--min-p", "0.05", "--compression-ratio-threshold", "2.0",
+        "--logprob-threshold", "-2", "--no-speech-threshold", "0.5"])
+    assert options_from_args(args, "translate") == TranscribeOptions(
+        task="translate", language="it", prompt="Roma", temperatures=(0.2, 0.4, 0.6, 0.8, 1.0), seed=9,
+        repetition_penalty=1.25, mode="sequential", max_new_tokens=7, timestamps=False, word_timestamps=True,
+        beam_size=3, best_of=4, patience=2.0, length_penalty=0.5, top_k=5, top_p=0.8, min_p=0.05,
+        compression_ratio_threshold=2.0, logprob_threshold=-2.0, no_speech_threshold=0.5)
+    defaults = options_from_args(parser.parse_args(["a.wav"]), "transcribe")
+    assert defaults == TranscribeOptions(task="transcribe", mode="batched")
+
+
 def test_a_long_file_shows_progress_on_a_terminal(tiny_model, files):
     primary, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal of 100 columns

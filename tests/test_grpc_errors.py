@@ -178,6 +178,18 @@ def test_pcm_config(server):
             "config.channels")
     invalid(fails(s, requests("translate", config(encoding=99, sample_rate_hertz=16000), b"\0\0" * 100)),
             "config.encoding")
+    assert "[8000, 192000]" in invalid(fails(s, requests("translate", config(encoding=S16, sample_rate_hertz=192001),
+                                                          b"\0\0" * 100)), "config.sample_rate_hertz")
+
+
+def test_enum_values_the_contract_does_not_know(server, wav):
+    """A client built from a newer contract may send values this server has no meaning for."""
+    s = stub(server.port)
+    assert "unknown long-form mode 7" in invalid(fails(s, requests("translate", config(long_form_mode=7), wav)),
+                                                 "config.long_form_mode")
+    assert "unknown timestamp granularity 5" in invalid(
+        fails(s, requests("translate", config(timestamp_granularities=[pb.TIMESTAMP_GRANULARITY_SEGMENT, 5]), wav)),
+        "config.timestamp_granularities")
 
 
 def test_pcm_cut_inside_a_frame(server):

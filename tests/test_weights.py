@@ -193,3 +193,25 @@ def test_a_batch_of_no_windows_is_refused_before_the_weights_are_read(tmp_path):
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"max_batch must be at least 1, got {bad}"):
             Engine.load(str(tmp_path / "nonexistent"), max_batch=bad)
+
+
+def test_a_hub_id_loads_offline_from_the_hugging_face_cache(tiny_model, reference, tmp_path):
+    """HF_HUB_OFFLINE with the model in the cache HF_HOME names (laid out as huggingface_hub
+    keeps it: refs/main naming a snapshot): the hub id resolves to that snapshot, no network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--openai--whisper-tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    copy_side_files(tiny_model[0], snapshot)
+    shutil.copy(tiny_model[0] / "model.safetensors", snapshot / "model.safetensors")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    code = ("import numpy as np; from service.engine import weights; c = weights.resolve('openai/whisper-tiny'); "
+            "p = weights.build_params(c.tensors(), c.dims, np.float32); "
+            "print(c.directory); print(repr(float(np.asarray(p['decoder']['token_embedding']['kernel']).sum())))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    directory, checksum = done.stdout.split()
+    assert directory == str(snapshot)
+    assert float(checksum) == float(np.asarray(reference["decoder"]["token_embedding"]["kernel"]).sum())
