@@ -365,7 +365,8 @@ class Upload:
 
     def _stream(self, events: Iterator, headers: dict) -> Response:
         p = self.params
-        out = EventStream(p.task, p.model or self.sent.model, p.stream_include_usage)
+        out = EventStream(p.task, p.model or self.sent.model, p.stream_include_usage,
+                          p.stream_include_usage and p.stream_continuous_usage_stats)
         call = self.call
         first: list[str] = []
         # Wait for the service's first answer before the 200 goes out, so that a failure the service finds
@@ -401,7 +402,7 @@ def _sse(events: Iterator, out: EventStream) -> Iterator[str]:
             chunk = None
             if isinstance(event, Delta):
                 use_deltas = True
-                chunk = out.delta(event.text)
+                chunk = out.delta(event.text, event.prompt_tokens, event.completion_tokens)
             elif isinstance(event, SegmentEvent) and not use_deltas:
                 chunk = out.delta(event.segment.text)
             elif isinstance(event, Summary):

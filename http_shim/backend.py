@@ -54,6 +54,8 @@ DECODING_FIELDS = ("best_of", "patience", "length_penalty", "temperature_fallbac
 @dataclass
 class Delta:
     text: str
+    prompt_tokens: int = 0  # what the call had used when the text became final
+    completion_tokens: int = 0
 
 
 @dataclass

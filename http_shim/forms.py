@@ -32,7 +32,7 @@ MAX_PARTS = 200
 
 # OpenAI fields that exist for other models and have no meaning here: accepted, logged, ignored.
 IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]",
-           "stream_continuous_usage_stats", "user", "frequency_penalty", "presence_penalty", "vllm_xargs"}
+           "user", "frequency_penalty", "presence_penalty", "vllm_xargs"}
 DEFAULT_BEAM_WIDTH = 5  # use_beam_search=true without n or beam_size: openai-whisper's CLI default
 MAX_WINDOW_TOKENS = 448  # the most tokens a 30 s window produces (the service's limit)
 MAX_CANDIDATES = 10  # beam_size, best_of and n (as the beam width) are at most this
@@ -53,6 +53,7 @@ class Params:
     timestamp_granularities: list[str] = field(default_factory=list)
     stream: bool = False
     stream_include_usage: bool = False
+    stream_continuous_usage_stats: bool = False
     seed: int | None = None
     repetition_penalty: float | None = None
     max_completion_tokens: int | None = None
@@ -296,6 +297,7 @@ _SETTERS = {
     "language": _language,
     "stream": _bool,
     "stream_include_usage": _bool,
+    "stream_continuous_usage_stats": _bool,
     "seed": _int(-(2**63), 2**64 - 1),
     "repetition_penalty": _float(0.0, 10.0, lo_open=True),
     "max_completion_tokens": _max_tokens,

@@ -213,7 +213,8 @@ class GrpcCall:
             for response in self._call:
                 kind = response.WhichOneof("event")
                 if kind == "delta":
-                    yield Delta(response.delta.text)
+                    d = response.delta
+                    yield Delta(d.text, d.usage.prompt_tokens, d.usage.completion_tokens)
                 elif kind == "segment":
                     yield SegmentEvent(_segment(response.segment))
                 elif kind == "summary":

@@ -62,6 +62,12 @@ def usage_duration(duration: float) -> dict:
     return {"type": "duration", "seconds": int(math.ceil(max(0.0, duration) - 1e-9))}
 
 
+def _token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """vLLM's usage of a chunk."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def render(result: Result, response_format: str, task: str, granularities: list[str] | None = None) -> str:
     """The body for one of OpenAI's response formats."""
     if response_format == "text":
@@ -161,12 +167,13 @@ class EventStream:
     text follows it, as `clean_text` strips both ends.
     """
 
-    def __init__(self, task: str, model: str, include_usage: bool):
+    def __init__(self, task: str, model: str, include_usage: bool, continuous_usage: bool = False):
         self.object = "translation.chunk" if task == "translate" else "transcription.chunk"
         self.id = ("trsl-" if task == "translate" else "trsc-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage  # vLLM's stream_continuous_usage_stats: usage on every chunk
         self.sent: list[str] = []
         self._held = ""
 
@@ -175,8 +182,9 @@ class EventStream:
                 "choices": choices, **extra}
         return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
-    def delta(self, text: str) -> str | None:
-        """The event for more text, or None when nothing can be sent yet."""
+    def delta(self, text: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> str | None:
+        """The event for more text, or None when nothing can be sent yet; the tokens are what the
+        call had used by then, shown with continuous usage."""
         text = self._held + text
         if not self.sent:
             text = text.lstrip()
@@ -185,8 +193,9 @@ class EventStream:
         if not body:
             return None
         self.sent.append(body)
+        extra = {"usage": _token_usage(prompt_tokens, completion_tokens)} if self.continuous_usage else {}
         return self._chunk([{"index": 0, "delta": {"content": body}, "finish_reason": None}],
-                           type="transcript.text.delta", delta=body)
+                           type="transcript.text.delta", delta=body, **extra)
 
     @property
     def text(self) -> str:
@@ -204,8 +213,7 @@ class EventStream:
     def usage(self, prompt_tokens: int, completion_tokens: int, duration: float) -> str:
         """vLLM's usage chunk (no choices), also typed for OpenAI's clients."""
         return self._chunk([], type="transcript.text.usage",
-                           usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens,
+                           usage={**_token_usage(prompt_tokens, completion_tokens),
                                   "seconds": usage_duration(duration)["seconds"]})
 
     @staticmethod

@@ -27,7 +27,7 @@ from dragoman.v1 import speech_pb2_grpc
 
 from . import errors
 from .audio import AudioError, AudioLimits, decode_audio
-from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription
+from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription, Usage
 from .engine import Segment as EngineSegment
 from .languages import LANGUAGES, language_code
 from .errors import ServiceError, invalid_argument
@@ -167,8 +167,8 @@ class _Call:
             audio = self._pieces(feed)
             self.receiver = asyncio.create_task(self._receive_pcm(pcm, feed))
 
-        def on_segment(segment: EngineSegment) -> None:
-            loop.call_soon_threadsafe(self.events.put_nowait, ("segment", segment))
+        def on_segment(segment: EngineSegment, used: Usage) -> None:
+            loop.call_soon_threadsafe(self.events.put_nowait, ("segment", (segment, used)))
 
         def on_waiting(waiting: bool) -> None:
             self.waiting_on_client = waiting
@@ -186,9 +186,12 @@ class _Call:
         while True:
             kind, value = await self.events.get()
             if kind == "segment":
+                segment, used = value
                 if stream_deltas:
-                    yield self.response_type(delta=pb.Delta(text=value.text))
-                yield self.response_type(segment=_segment(value))
+                    yield self.response_type(delta=pb.Delta(text=segment.text, usage=pb.Usage(
+                        prompt_tokens=used.prompt_tokens, completion_tokens=used.completion_tokens,
+                        audio_seconds=segment.end)))
+                yield self.response_type(segment=_segment(segment))
             elif kind == "input_error":
                 raise value
             else:

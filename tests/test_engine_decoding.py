@@ -209,7 +209,7 @@ def test_on_waiting_tells_when_the_run_waits_on_its_audio(tiny_engine, mode):
 
     tiny_engine.transcribe(pieces(), TranscribeOptions(language="en", temperatures=(0.0,), max_new_tokens=16,
                                                        mode=mode),
-                           on_segment=lambda s: events.append(("segment", s.end)), on_waiting=on_waiting)
+                           on_segment=lambda s, _: events.append(("segment", s.end)), on_waiting=on_waiting)
     kinds = [kind if kind == "segment" else waiting for kind, waiting in events]
     if mode == "batched":  # waits for the first piece, has work, waits after the first window's segments, ...
         first_segment = kinds.index("segment")
@@ -232,11 +232,17 @@ def test_extreme_repetition_penalties_give_finite_results(tiny_engine):
             assert r.tokens and -1e3 < r.avg_logprob < 0, (penalty, temperature, r.avg_logprob)
 
 
-def test_segments_are_handed_out_in_order_as_they_finish(tiny_engine):
-    seen = []
-    result = tiny_engine.transcribe(speechlike(65.0, seed=6), TranscribeOptions(language="en", temperatures=(0.0,)),
-                                    on_segment=seen.append)
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_segments_are_handed_out_in_order_as_they_finish(tiny_engine, mode):
+    """With what the run had used by each: growing, and by the last segment all of it."""
+    seen, used = [], []
+    result = tiny_engine.transcribe(speechlike(65.0, seed=6), TranscribeOptions(language="en", mode=mode,
+                                                                                max_new_tokens=32),
+                                    on_segment=lambda s, u: (seen.append(s), used.append(u)))
     assert [s.id for s in seen] == [s.id for s in result.segments]
+    counts = [(u.prompt_tokens, u.completion_tokens) for u in used]
+    assert counts == sorted(counts) and counts[0] < counts[-1]  # three windows, each decoded several times
+    assert counts[-1] == (result.prompt_tokens, result.completion_tokens)
 
 
 def test_cancelled_transcription_stops_and_the_engine_serves_on(tiny_engine):

@@ -48,6 +48,10 @@ def check_result(r, duration: float, *, deltas: bool = False):
     if deltas:
         assert r.events[:-1] == ["delta", "segment"] * len(r.segments)
         assert [d.text for d in r.deltas] == [s.text for s in r.segments]
+        # What the call had used by each: growing, all of it by the last, and where each text ends.
+        used = [(d.usage.prompt_tokens, d.usage.completion_tokens) for d in r.deltas]
+        assert used == sorted(used) and used[-1] == (r.summary.usage.prompt_tokens, r.summary.usage.completion_tokens)
+        assert [d.usage.audio_seconds for d in r.deltas] == pytest.approx([seconds(s.end_offset) for s in r.segments])
     else:
         assert not r.deltas and set(r.events[:-1]) == {"segment"}
 

@@ -300,11 +300,11 @@ def _vllm_stream(servers, path: str, data: dict) -> tuple[list[dict], str]:
     return chunks, text
 
 
-@pytest.mark.parametrize("task", ["translate", "transcribe"])
-def test_vllm_streaming_client(servers, reference, task):
+@pytest.mark.parametrize("task, continuous", [("translate", False), ("transcribe", True)])
+def test_vllm_streaming_client(servers, reference, task, continuous):
     path = "/v1/audio/translations" if task == "translate" else "/v1/audio/transcriptions"
     fields = {"model": "whisper-1", "temperature": "0.0", "stream_include_usage": "true",
-              **{k: str(v) for k, v in FAST.items()}}
+              "stream_continuous_usage_stats": str(continuous).lower(), **{k: str(v) for k, v in FAST.items()}}
     chunks, text = _vllm_stream(servers, path, fields)
     assert text == reference[task]
     kind = "translation.chunk" if task == "translate" else "transcription.chunk"
@@ -316,6 +316,12 @@ def test_vllm_streaming_client(servers, reference, task):
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
     assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+    # vLLM's stream_continuous_usage_stats: every text chunk tells what the call had used so far.
+    assert all(("usage" in c) is continuous for c in deltas)
+    if continuous:
+        running = [(c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) for c in deltas]
+        assert running == sorted(running) and 0 < running[-1][1] <= usage["usage"]["completion_tokens"]
+        assert all(c["usage"]["total_tokens"] == sum(r) for c, r in zip(deltas, running))
 
 
 def test_openai_sdk_stream(servers, reference):

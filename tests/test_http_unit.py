@@ -52,9 +52,9 @@ class FakeCall:
     def events(self):
         if self.backend.fail_events is not None:
             raise self.backend.fail_events
-        for s in SEGMENTS:
+        for i, s in enumerate(SEGMENTS):
             if self.request.stream_deltas:
-                yield Delta(s.text)
+                yield Delta(s.text, prompt_tokens=5, completion_tokens=2 * i + 1)
             yield SegmentEvent(s)
         yield Summary(Result(text=TEXT, language=self.request.language or "it", duration=3.25,
                              language_probability=0.9, prompt_tokens=5, completion_tokens=7))
@@ -457,9 +457,12 @@ def test_formats(client, fmt):
         assert resp.get_json()["language"] == "italian"
 
 
-def test_stream(client):
+@pytest.mark.parametrize("continuous", [False, True])
+def test_stream(client, continuous):
     resp = post(client, "/v1/audio/transcriptions", [("model", "whisper-1"), ("stream", "true"),
-                                                      ("stream_include_usage", "true"), ("file", ("a.wav", AUDIO))])
+                                                      ("stream_include_usage", "true"),
+                                                      ("stream_continuous_usage_stats", str(continuous).lower()),
+                                                      ("file", ("a.wav", AUDIO))])
     assert resp.status_code == 200 and resp.mimetype == "text/event-stream"
     lines = [line for line in resp.get_data(as_text=True).split("\n") if line]
     assert lines[-1] == "data: [DONE]"
@@ -469,6 +472,11 @@ def test_stream(client):
     assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done",
                                                                           "transcript.text.usage"]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 12
+    # With vLLM's continuous usage, each text chunk has what the call had used by its text (the
+    # service's count with each delta; segment 1 is empty and sends none).
+    running = [e.get("usage") for e in events if e["type"] == "transcript.text.delta"]
+    assert running == ([{"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                        {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}] if continuous else [None] * 2)
 
 
 def test_stream_ignores_the_response_format(client):

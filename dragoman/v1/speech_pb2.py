@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ragoman/v1/speech.proto\x12\x0b\x64ragoman.v1\x1a\x1egoogle/protobuf/duration.proto\"U\n\x10TranslateRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.dragoman.v1.ConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x93\x01\n\x11TranslateResponse\x12#\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x12.dragoman.v1.DeltaH\x00\x12\'\n\x07segment\x18\x02 \x01(\x0b\x32\x14.dragoman.v1.SegmentH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.dragoman.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"V\n\x11TranscribeRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.dragoman.v1.ConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x94\x01\n\x12TranscribeResponse\x12#\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x12.dragoman.v1.DeltaH\x00\x12\'\n\x07segment\x18\x02 \x01(\x0b\x32\x14.dragoman.v1.SegmentH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.dragoman.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"\xae\x07\n\x06\x43onfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x31\n\x0elong_form_mode\x18\x08 \x01(\x0e\x32\x19.dragoman.v1.LongFormMode\x12\x42\n\x17timestamp_granularities\x18\t \x03(\x0e\x32!.dragoman.v1.TimestampGranularity\x12\x15\n\rstream_deltas\x18\n \x01(\x08\x12,\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x1a.dragoman.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x0c \x01(\r\x12\x10\n\x08\x63hannels\x18\r \x01(\r\x12\x16\n\tbeam_size\x18\x0e \x01(\rH\x03\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x0f \x01(\rH\x04\x88\x01\x01\x12\x15\n\x08patience\x18\x10 \x01(\x02H\x05\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x11 \x01(\x02H\x06\x88\x01\x01\x12!\n\x14temperature_fallback\x18\x12 \x01(\x08H\x07\x88\x01\x01\x12(\n\x1b\x63ompression_ratio_threshold\x18\x13 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11logprob_threshold\x18\x14 \x01(\x02H\t\x88\x01\x01\x12 \n\x13no_speech_threshold\x18\x15 \x01(\x02H\n\x88\x01\x01\x12\x12\n\x05min_p\x18\x16 \x01(\x02H\x0b\x88\x01\x01\x12\x12\n\x05top_k\x18\x17 \x01(\rH\x0c\x88\x01\x01\x12\x12\n\x05top_p\x18\x18 \x01(\x02H\r\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokensB\x0c\n\n_beam_sizeB\n\n\x08_best_ofB\x0b\n\t_patienceB\x11\n\x0f_length_penaltyB\x17\n\x15_temperature_fallbackB\x1e\n\x1c_compression_ratio_thresholdB\x14\n\x12_logprob_thresholdB\x16\n\x14_no_speech_thresholdB\x08\n\x06_min_pB\x08\n\x06_top_kB\x08\n\x06_top_p\"\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xa0\x02\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04seek\x18\x02 \x01(\x05\x12/\n\x0cstart_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0e\n\x06tokens\x18\x06 \x03(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\x13\n\x0b\x61vg_logprob\x18\x08 \x01(\x02\x12\x19\n\x11\x63ompression_ratio\x18\t \x01(\x02\x12\x16\n\x0eno_speech_prob\x18\n \x01(\x02\x12 \n\x05words\x18\x0b \x03(\x0b\x32\x11.dragoman.v1.Word\"\x89\x01\n\x04Word\x12\x0c\n\x04word\x18\x01 \x01(\t\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"\x97\x01\n\x07Summary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x1c\n\x14language_probability\x18\x03 \x01(\x02\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.dragoman.v1.Usage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\raudio_seconds\x18\x03 \x01(\x01\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.dragoman.v1.Model\"d\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12(\n\tlanguages\x18\x03 \x03(\x0b\x32\x15.dragoman.v1.Language\x12\x14\n\x0cmultilingual\x18\x04 \x01(\x08\"&\n\x08Language\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t*i\n\x0cLongFormMode\x12\x1e\n\x1aLONG_FORM_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LONG_FORM_MODE_BATCHED\x10\x01\x12\x1d\n\x19LONG_FORM_MODE_SEQUENTIAL\x10\x02*\x80\x01\n\x14TimestampGranularity\x12%\n!TIMESTAMP_GRANULARITY_UNSPECIFIED\x10\x00\x12!\n\x1dTIMESTAMP_GRANULARITY_SEGMENT\x10\x01\x12\x1e\n\x1aTIMESTAMP_GRANULARITY_WORD\x10\x02*c\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_S16LE\x10\x01\x12\x18\n\x14\x41UDIO_ENCODING_F32LE\x10\x02\x32\x81\x02\n\rSpeechService\x12N\n\tTranslate\x12\x1d.dragoman.v1.TranslateRequest\x1a\x1e.dragoman.v1.TranslateResponse(\x01\x30\x01\x12Q\n\nTranscribe\x12\x1e.dragoman.v1.TranscribeRequest\x1a\x1f.dragoman.v1.TranscribeResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.dragoman.v1.ListModelsRequest\x1a\x1f.dragoman.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ragoman/v1/speech.proto\x12\x0b\x64ragoman.v1\x1a\x1egoogle/protobuf/duration.proto\"U\n\x10TranslateRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.dragoman.v1.ConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x93\x01\n\x11TranslateResponse\x12#\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x12.dragoman.v1.DeltaH\x00\x12\'\n\x07segment\x18\x02 \x01(\x0b\x32\x14.dragoman.v1.SegmentH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.dragoman.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"V\n\x11TranscribeRequest\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.dragoman.v1.ConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x94\x01\n\x12TranscribeResponse\x12#\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x12.dragoman.v1.DeltaH\x00\x12\'\n\x07segment\x18\x02 \x01(\x0b\x32\x14.dragoman.v1.SegmentH\x00\x12\'\n\x07summary\x18\x03 \x01(\x0b\x32\x14.dragoman.v1.SummaryH\x00\x42\x07\n\x05\x65vent\"\xae\x07\n\x06\x43onfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x31\n\x0elong_form_mode\x18\x08 \x01(\x0e\x32\x19.dragoman.v1.LongFormMode\x12\x42\n\x17timestamp_granularities\x18\t \x03(\x0e\x32!.dragoman.v1.TimestampGranularity\x12\x15\n\rstream_deltas\x18\n \x01(\x08\x12,\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x1a.dragoman.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x0c \x01(\r\x12\x10\n\x08\x63hannels\x18\r \x01(\r\x12\x16\n\tbeam_size\x18\x0e \x01(\rH\x03\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x0f \x01(\rH\x04\x88\x01\x01\x12\x15\n\x08patience\x18\x10 \x01(\x02H\x05\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x11 \x01(\x02H\x06\x88\x01\x01\x12!\n\x14temperature_fallback\x18\x12 \x01(\x08H\x07\x88\x01\x01\x12(\n\x1b\x63ompression_ratio_threshold\x18\x13 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11logprob_threshold\x18\x14 \x01(\x02H\t\x88\x01\x01\x12 \n\x13no_speech_threshold\x18\x15 \x01(\x02H\n\x88\x01\x01\x12\x12\n\x05min_p\x18\x16 \x01(\x02H\x0b\x88\x01\x01\x12\x12\n\x05top_k\x18\x17 \x01(\rH\x0c\x88\x01\x01\x12\x12\n\x05top_p\x18\x18 \x01(\x02H\r\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokensB\x0c\n\n_beam_sizeB\n\n\x08_best_ofB\x0b\n\t_patienceB\x11\n\x0f_length_penaltyB\x17\n\x15_temperature_fallbackB\x1e\n\x1c_compression_ratio_thresholdB\x14\n\x12_logprob_thresholdB\x16\n\x14_no_speech_thresholdB\x08\n\x06_min_pB\x08\n\x06_top_kB\x08\n\x06_top_p\"8\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.dragoman.v1.Usage\"\xa0\x02\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04seek\x18\x02 \x01(\x05\x12/\n\x0cstart_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0e\n\x06tokens\x18\x06 \x03(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\x13\n\x0b\x61vg_logprob\x18\x08 \x01(\x02\x12\x19\n\x11\x63ompression_ratio\x18\t \x01(\x02\x12\x16\n\x0eno_speech_prob\x18\n \x01(\x02\x12 \n\x05words\x18\x0b \x03(\x0b\x32\x11.dragoman.v1.Word\"\x89\x01\n\x04Word\x12\x0c\n\x04word\x18\x01 \x01(\t\x12/\n\x0cstart_offset\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nend_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"\x97\x01\n\x07Summary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x1c\n\x14language_probability\x18\x03 \x01(\x02\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.dragoman.v1.Usage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\raudio_seconds\x18\x03 \x01(\x01\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.dragoman.v1.Model\"d\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12(\n\tlanguages\x18\x03 \x03(\x0b\x32\x15.dragoman.v1.Language\x12\x14\n\x0cmultilingual\x18\x04 \x01(\x08\"&\n\x08Language\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t*i\n\x0cLongFormMode\x12\x1e\n\x1aLONG_FORM_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LONG_FORM_MODE_BATCHED\x10\x01\x12\x1d\n\x19LONG_FORM_MODE_SEQUENTIAL\x10\x02*\x80\x01\n\x14TimestampGranularity\x12%\n!TIMESTAMP_GRANULARITY_UNSPECIFIED\x10\x00\x12!\n\x1dTIMESTAMP_GRANULARITY_SEGMENT\x10\x01\x12\x1e\n\x1aTIMESTAMP_GRANULARITY_WORD\x10\x02*c\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_S16LE\x10\x01\x12\x18\n\x14\x41UDIO_ENCODING_F32LE\x10\x02\x32\x81\x02\n\rSpeechService\x12N\n\tTranslate\x12\x1d.dragoman.v1.TranslateRequest\x1a\x1e.dragoman.v1.TranslateResponse(\x01\x30\x01\x12Q\n\nTranscribe\x12\x1e.dragoman.v1.TranscribeRequest\x1a\x1f.dragoman.v1.TranscribeResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.dragoman.v1.ListModelsRequest\x1a\x1f.dragoman.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dragoman.v1.speech_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LONGFORMMODE']._serialized_start=2405
-  _globals['_LONGFORMMODE']._serialized_end=2510
-  _globals['_TIMESTAMPGRANULARITY']._serialized_start=2513
-  _globals['_TIMESTAMPGRANULARITY']._serialized_end=2641
-  _globals['_AUDIOENCODING']._serialized_start=2643
-  _globals['_AUDIOENCODING']._serialized_end=2742
+  _globals['_LONGFORMMODE']._serialized_start=2440
+  _globals['_LONGFORMMODE']._serialized_end=2545
+  _globals['_TIMESTAMPGRANULARITY']._serialized_start=2548
+  _globals['_TIMESTAMPGRANULARITY']._serialized_end=2676
+  _globals['_AUDIOENCODING']._serialized_start=2678
+  _globals['_AUDIOENCODING']._serialized_end=2777
   _globals['_TRANSLATEREQUEST']._serialized_start=73
   _globals['_TRANSLATEREQUEST']._serialized_end=158
   _globals['_TRANSLATERESPONSE']._serialized_start=161
@@ -49,23 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIG']._serialized_start=550
   _globals['_CONFIG']._serialized_end=1492
   _globals['_DELTA']._serialized_start=1494
-  _globals['_DELTA']._serialized_end=1515
-  _globals['_SEGMENT']._serialized_start=1518
-  _globals['_SEGMENT']._serialized_end=1806
-  _globals['_WORD']._serialized_start=1809
-  _globals['_WORD']._serialized_end=1946
-  _globals['_SUMMARY']._serialized_start=1949
-  _globals['_SUMMARY']._serialized_end=2100
-  _globals['_USAGE']._serialized_start=2102
-  _globals['_USAGE']._serialized_end=2182
-  _globals['_LISTMODELSREQUEST']._serialized_start=2184
-  _globals['_LISTMODELSREQUEST']._serialized_end=2203
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2205
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2261
-  _globals['_MODEL']._serialized_start=2263
-  _globals['_MODEL']._serialized_end=2363
-  _globals['_LANGUAGE']._serialized_start=2365
-  _globals['_LANGUAGE']._serialized_end=2403
-  _globals['_SPEECHSERVICE']._serialized_start=2745
-  _globals['_SPEECHSERVICE']._serialized_end=3002
+  _globals['_DELTA']._serialized_end=1550
+  _globals['_SEGMENT']._serialized_start=1553
+  _globals['_SEGMENT']._serialized_end=1841
+  _globals['_WORD']._serialized_start=1844
+  _globals['_WORD']._serialized_end=1981
+  _globals['_SUMMARY']._serialized_start=1984
+  _globals['_SUMMARY']._serialized_end=2135
+  _globals['_USAGE']._serialized_start=2137
+  _globals['_USAGE']._serialized_end=2217
+  _globals['_LISTMODELSREQUEST']._serialized_start=2219
+  _globals['_LISTMODELSREQUEST']._serialized_end=2238
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2240
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2296
+  _globals['_MODEL']._serialized_start=2298
+  _globals['_MODEL']._serialized_end=2398
+  _globals['_LANGUAGE']._serialized_start=2400
+  _globals['_LANGUAGE']._serialized_end=2438
+  _globals['_SPEECHSERVICE']._serialized_start=2780
+  _globals['_SPEECHSERVICE']._serialized_end=3037
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ from . import features, weights
 from .alignment import add_word_timestamps, align_words, alignment_heads, last_end
 from .dims import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SECONDS_PER_TOKEN, ModelDimensions
 from .programs import Programs
-from .results import Segment, TranscribeOptions, Transcription
+from .results import Segment, TranscribeOptions, Transcription, Usage
 from .rules import Vocabulary
 from .scheduler import DecodeJob, DecodeOutput, DecodeScheduler, Window
 from .segments import WindowResult, compression_ratio, split_segments
@@ -109,14 +109,15 @@ class Engine:
     # ---- transcription --------------------------------------------------------------------
 
     def transcribe(self, audio: np.ndarray | Iterable[np.ndarray], options: TranscribeOptions = TranscribeOptions(), *,
-                   on_segment: Callable[[Segment], None] | None = None,
+                   on_segment: Callable[[Segment, Usage], None] | None = None,
                    on_progress: Callable[[float], None] | None = None,
                    on_waiting: Callable[[bool], None] | None = None,
                    cancel: threading.Event | None = None) -> Transcription:
         """Transcribe (or translate) 16 kHz mono float32 audio, given whole or as an iterable of
         pieces (batched mode starts on each window as soon as its samples have arrived).
 
-        on_segment gets each final segment in order as soon as it and all before it are final;
+        on_segment gets each final segment in order as soon as it and all before it are final,
+        with what the run had used by then;
         on_progress gets the seconds of audio done; on_waiting gets True when the run has done
         all it can with the pieces read so far and waits for the next one, and False when it
         has work again (a server tells a stalled client from one awaiting results by it).
@@ -311,7 +312,9 @@ class _Run:
             self.segments.append(seg)
             out.append(seg)
             if self.on_segment is not None:
-                self.on_segment(seg)
+                with self._count_lock:
+                    used = Usage(self.prompt_tokens, self.completion_tokens)
+                self.on_segment(seg, used)
         return out
 
     def _wait(self, future: Future):

@@ -105,6 +105,14 @@ class Segment:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a run had used by a point in it: prompt tokens fed to the decoder and tokens it
+    produced, over every window and attempt so far."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
 @dataclass
 class Transcription:
     text: str
