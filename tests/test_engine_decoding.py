@@ -124,6 +124,12 @@ def test_usage_counts_the_prompt_and_the_tokens_of_every_attempt(tiny_engine):
     assert (every.prompt_tokens, every.completion_tokens) == (6 * 4, 6 * 4)
     prompted = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), prompt=" Ana", **options))
     assert prompted.prompt_tokens == 4 + 2  # <|startofprev|> and the prompt's one token
+    # A prompt's last 223 tokens are kept: with <|startofprev|> and the 4 above, 228 of the text
+    # context's 448, so the text stops at 221 (as openai-whisper), its end-of-text never produced.
+    long = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), prompt=" Ana" * 300, language="en",
+                                                           timestamps=False))
+    assert [len(s.tokens) for s in long.segments] == [221]
+    assert (long.prompt_tokens, long.completion_tokens) == (228, 221)
 
 
 def test_repetition_penalty_changes_the_choice_of_repeated_tokens(tiny_engine):

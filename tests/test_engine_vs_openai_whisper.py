@@ -368,3 +368,13 @@ def test_sequential_mode_skips_silent_windows_as_openai_transcribe(tiny_model, t
     assert [(a.seek, a.tokens) for a in ours.segments] == [(b["seek"], b["tokens"]) for b in ref["segments"]]
     for a, b in zip(ours.segments, ref["segments"]):
         assert (a.start, a.end) == pytest.approx((b["start"], b["end"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("beam_size", [None, 5])
+def test_a_text_that_ends_counts_its_end_of_text_in_the_usage(ending_pair, beam_size):
+    engine, _ = ending_pair
+    result = engine.transcribe(speechlike(12.0, seed=29), TranscribeOptions(
+        task="translate", language="fr", temperatures=(0.0,), timestamps=False, beam_size=beam_size))
+    produced = sum(len(s.tokens) for s in result.segments)
+    assert 0 < produced < 224  # ended
+    assert result.completion_tokens == produced + 1

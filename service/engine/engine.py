@@ -272,8 +272,8 @@ class _Run:
                          top_k=min(o.top_k or 0, 2**31 - 1), top_p=o.top_p, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
-        with self._count_lock:  # and its end-of-text, unless the window was cut at its most tokens
-            self.completion_tokens += min(len(out.tokens) + 1, self.sample_len)
+        with self._count_lock:  # and its end-of-text, if it produced one
+            self.completion_tokens += len(out.tokens) + out.ended
         text = self.tok.decode(out.tokens).strip()
         return WindowResult(out.tokens, text, temperature, out.sum_logprob / (len(out.tokens) + 1),
                             compression_ratio(text), out.no_speech_prob)

@@ -100,6 +100,7 @@ class DecodeOutput:
     tokens: list[int]  # sampled tokens, end-of-text excluded
     sum_logprob: float
     no_speech_prob: float
+    ended: bool  # with an end-of-text sampled (else cut at the most tokens or the text context)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)  # sampled so far, end-of-text excluded
     sum_logprob: float = 0.0
     done: bool = False
+    ended: bool = False  # done by an end-of-text
 
 
 @dataclass(eq=False)
@@ -555,7 +557,9 @@ class DecodeScheduler:
                 if all(seq.done for seq in g.sequences):
                     self._release(g)
                     best = self._rank(job, [(tuple(s.tokens), s.sum_logprob) for s in g.sequences])
-                    job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob))
+                    # Sequences of the same tokens end alike: an end-of-text comes before the limit.
+                    ended = any(s.ended for s in g.sequences if tuple(s.tokens) == best[0])
+                    job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob, ended))
 
     def _at_limit(self, job: DecodeJob, sampled: int) -> bool:
         # As openai-whisper: at most sample_len tokens, and never past the text context.
@@ -564,7 +568,7 @@ class DecodeScheduler:
     def _extend(self, g: _Group, slot: int, seq: _Sequence, token: int, logprob: float) -> None:
         seq.sum_logprob += logprob
         if token == self.tokenizer.eot:
-            seq.done = True
+            seq.done = seq.ended = True
             return
         seq.tokens.append(token)
         if g.job.on_token is not None and len(g.slots) == 1:
@@ -611,7 +615,7 @@ class DecodeScheduler:
                     if len(finished) >= job.beam_size:
                         break
             best = self._rank(job, list(finished.items()))
-            job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob))
+            job.future.set_result(DecodeOutput(list(best[0]), best[1], g.no_speech_prob, best[0] in g.finished))
 
     @staticmethod
     def _rank(job: DecodeJob, hypotheses: list[tuple[tuple[int, ...], float]]) -> tuple[tuple[int, ...], float]:
