@@ -5,6 +5,7 @@ import logging
 import sys
 
 from gunicorn.app.base import BaseApplication
+from service.flags import check_environment
 
 from .config import Config, build_parser, config_from_args
 
@@ -50,6 +51,7 @@ class Server(BaseApplication):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_environment(parser, args)
     config = config_from_args(args)
     Server(config, args.log_level).run()
     return 0

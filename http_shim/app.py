@@ -402,7 +402,7 @@ def _sse(events: Iterator, out: EventStream) -> Iterator[str]:
             chunk = None
             if isinstance(event, Delta):
                 use_deltas = True
-                chunk = out.delta(event.text, event.prompt_tokens, event.completion_tokens)
+                chunk = out.delta(event.text, (event.prompt_tokens, event.completion_tokens))
             elif isinstance(event, SegmentEvent) and not use_deltas:
                 chunk = out.delta(event.segment.text)
             elif isinstance(event, Summary):

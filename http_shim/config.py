@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field, fields
 
-from service.flags import env_flag, positive_integer, positive_number, seconds_or_off, size
+from service.flags import check_environment, env_flag, port, positive_integer, positive_number, seconds, size
 from service.model_names import WHISPER_ALIAS
 
 DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024  # OpenAI's limit on audio files
@@ -43,7 +42,7 @@ def parse_origins(text: str) -> list[str]:
 FLAGS = [
     # flag, attribute, environment variable, type, help
     ("--host", "host", "DRAGOMAN_HTTP_HOST", str, "address to listen on"),
-    ("--port", "port", "DRAGOMAN_HTTP_PORT", positive_integer, "port to listen on"),
+    ("--port", "port", "DRAGOMAN_HTTP_PORT", port, "port to listen on; 0 picks a free one"),
     ("--grpc-target", "grpc_target", "DRAGOMAN_GRPC_TARGET", str, "the gRPC SpeechService (host:port)"),
     ("--api-key", "api_key", "DRAGOMAN_API_KEY", str,
      "require 'Authorization: Bearer KEY' on /v1/ requests"),
@@ -51,7 +50,7 @@ FLAGS = [
      "largest audio file accepted, in bytes or with a unit (25MB)"),
     ("--request-timeout", "request_timeout", "DRAGOMAN_HTTP_REQUEST_TIMEOUT", positive_number,
      "seconds a request may take in the service before it answers 504"),
-    ("--upload-timeout", "upload_timeout", "DRAGOMAN_HTTP_UPLOAD_TIMEOUT", seconds_or_off,
+    ("--upload-timeout", "upload_timeout", "DRAGOMAN_HTTP_UPLOAD_TIMEOUT", seconds,
      "seconds an upload may send nothing before it answers 408 (0: no limit)"),
     ("--cors-origins", "cors_origins", "DRAGOMAN_HTTP_CORS_ORIGINS", parse_origins,
      "comma-separated origins allowed by CORS, or '*'"),
@@ -62,24 +61,23 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    env = os.environ if env is None else env
     defaults = Config()
     p = argparse.ArgumentParser(
         prog="python -m http_shim",
         description="Dragoman's OpenAI-compatible HTTP API (/v1/audio/translations, /v1/audio/transcriptions, "
                     "/v1/models, /health) in front of the gRPC SpeechService, served by gunicorn.")
     for flag, attr, var, kind, help_text in FLAGS:
-        default = getattr(defaults, attr)
-        shown = ("set" if env.get(var) else "off") if attr == "api_key" else None  # never the key itself
-        env_flag(p, flag, var, dest=attr, type=kind, default=default, help=help_text, env=env,
-                 shown=shown)
+        env_flag(p, flag, var, dest=attr, type=kind, default=getattr(defaults, attr), help=help_text, env=env,
+                 secret=attr == "api_key")
     env_flag(p, "--log-level", "DRAGOMAN_HTTP_LOG_LEVEL", type=str.lower, choices=LOG_LEVELS, default="info",
              help="how much gunicorn and the shim log", env=env)
     return p
 
 
 def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> Config:
-    args = build_parser(env).parse_args(argv)
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    check_environment(parser, args)
     return config_from_args(args)
 
 

@@ -34,7 +34,7 @@ MAX_PARTS = 200
 IGNORED = {"include[]", "include", "chunking_strategy", "known_speaker_names[]", "known_speaker_references[]",
            "user", "frequency_penalty", "presence_penalty", "vllm_xargs"}
 DEFAULT_BEAM_WIDTH = 5  # use_beam_search=true without n or beam_size: openai-whisper's CLI default
-MAX_WINDOW_TOKENS = 448  # the most tokens a 30 s window produces (the service's limit)
+MAX_WINDOW_TOKENS = 448  # the service's limit on tokens per 30 s window (max_new_tokens)
 MAX_CANDIDATES = 10  # beam_size, best_of and n (as the beam width) are at most this
 OFF = ("none", "null", "off")  # a threshold given as one of these is turned off
 BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
@@ -100,8 +100,10 @@ class Params:
     def ranking_penalty(self) -> float | None:
         """length_penalty as the service takes it (openai-whisper's: a score is divided by
         ((5 + length) / 6) ** alpha, or by the length when None). With use_beam_search it is vLLM's,
-        whose score is divided by length ** alpha: its default 1 is openai-whisper's None and 0 is 0
-        in both; other exponents have no equal here and are refused rather than ranked otherwise."""
+        whose score is divided by length ** alpha: its default 1 is taken as openai-whisper's None
+        (vLLM's length also counts the decoder's prompt, which shifts every hypothesis's by as much),
+        and 0, no division, is 0 in both; other exponents have no equal here and are refused rather
+        than ranked otherwise."""
         if not self.use_beam_search or self.length_penalty is None or self.length_penalty == 0:
             return self.length_penalty
         if self.length_penalty == 1:

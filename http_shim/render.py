@@ -182,9 +182,9 @@ class EventStream:
                 "choices": choices, **extra}
         return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
-    def delta(self, text: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> str | None:
-        """The event for more text, or None when nothing can be sent yet; the tokens are what the
-        call had used by then, shown with continuous usage."""
+    def delta(self, text: str, used: tuple[int, int] | None = None) -> str | None:
+        """The event for more text, or None when nothing can be sent yet; `used`, the prompt and
+        completion tokens of the call by then, is shown with continuous usage."""
         text = self._held + text
         if not self.sent:
             text = text.lstrip()
@@ -193,7 +193,7 @@ class EventStream:
         if not body:
             return None
         self.sent.append(body)
-        extra = {"usage": _token_usage(prompt_tokens, completion_tokens)} if self.continuous_usage else {}
+        extra = {"usage": _token_usage(*used)} if self.continuous_usage and used is not None else {}
         return self._chunk([{"index": 0, "delta": {"content": body}, "finish_reason": None}],
                            type="transcript.text.delta", delta=body, **extra)
 

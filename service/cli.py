@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .audio import AudioError, decode_audio
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
 from .engine.lanes import lanes_wanted
-from .flags import env_flag, positive_integer
+from .flags import check_environment, env_flag, positive_integer
 from .languages import language_code
 
 DEFAULT_MODEL = "openai/whisper-large-v3"
@@ -141,7 +141,8 @@ def _clock(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description="Dragoman: Whisper speech translation on JAX")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="WARNING",
+                        help="how much to log (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     for task, help_text in (("translate", "translate speech in files into English text"),
                             ("transcribe", "transcribe speech in files in its own language")):
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server.add_serve_parser(sub)
     args = parser.parse_args(argv)
+    check_environment(parser, args)
     try:
         lanes_wanted()  # a bad setting is named before a model loads
     except ValueError as e:

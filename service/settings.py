@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .engine import MODES
-from .flags import env_flag, integer, number, positive_integer, positive_number, seconds_or_off, size
+from .flags import env_flag, port, positive_integer, positive_number, seconds, size
 from .model_names import WHISPER_ALIAS
 
 
@@ -55,7 +55,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     env_flag(p, "--host", "DRAGOMAN_HOST", default=d.host,
              help="address to listen on; 0.0.0.0 or [::] for every interface")
-    env_flag(p, "--port", "DRAGOMAN_PORT", type=integer, default=d.port, help="port to listen on; 0 picks a free one")
+    env_flag(p, "--port", "DRAGOMAN_PORT", type=port, default=d.port, help="port to listen on; 0 picks a free one")
     env_flag(p, "--max-concurrent-streams", "DRAGOMAN_MAX_CONCURRENT_STREAMS", type=positive_integer,
              default=d.max_concurrent_streams,
              help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with a retry delay")
@@ -66,9 +66,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     env_flag(p, "--default-mode", "DRAGOMAN_DEFAULT_MODE", choices=MODES, default=d.default_mode,
              help="long-form mode for requests that leave it unspecified: batched (30 s windows cut at pauses, "
                   "decoded at once) or sequential (openai-whisper's loop)")
-    env_flag(p, "--grace-period", "DRAGOMAN_GRACE_PERIOD", type=number, default=d.grace_period, shown="%(default)g",
+    env_flag(p, "--grace-period", "DRAGOMAN_GRACE_PERIOD", type=seconds, default=d.grace_period, shown="%(default)g",
              help="on SIGTERM or SIGINT, seconds that calls in flight get to finish before they are cancelled")
-    env_flag(p, "--receive-timeout", "DRAGOMAN_RECEIVE_TIMEOUT", type=seconds_or_off, default=d.receive_timeout,
+    env_flag(p, "--receive-timeout", "DRAGOMAN_RECEIVE_TIMEOUT", type=seconds, default=d.receive_timeout,
              shown="%(default)g",
              help="seconds a call may wait on its client for the next message (time spent decoding the audio "
                   "received so far does not count); it then fails with DEADLINE_EXCEEDED, freeing its stream. "

@@ -185,16 +185,21 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
             release.wait(60)
             yield pb.TranscribeRequest(audio=wav)
 
+        # Held once the server's one stream is taken by it: a probing call is refused then. A probe
+        # that comes first takes the stream itself, and the held call, refused, is made again.
         in_flight = stub(port).Transcribe(held(), timeout=120)
-
-        def held_by_the_server() -> bool:  # its one stream taken: another call is refused
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 list(stub(port).Transcribe(requests("transcribe", config(), wav), timeout=10))
             except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            return False
-
-        wait_for(held_by_the_server, timeout=30, interval=0.1)
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    break
+                raise
+            if in_flight.done():
+                in_flight = stub(port).Transcribe(held(), timeout=120)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: any("shutting down" in line for line in lines), timeout=10)
         proc.send_signal(signal.SIGTERM)  # as a supervisor and the process group each send one
@@ -242,6 +247,7 @@ def test_sigterm_during_the_warm_up_stops_at_once(tiny_model):
 def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
     import argparse
 
+    from service.flags import check_environment
     from service.settings import ServerConfig, add_server_arguments, config_from_args
 
     monkeypatch.setenv("DRAGOMAN_RECEIVE_TIMEOUT", "5")
@@ -262,14 +268,21 @@ def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
     assert parser.parse_args([]).max_upload_bytes == 1 << 30
-    # argparse checks neither the type nor the choices of a default: a variable is read as its flag is.
-    for var, value, message in [("DRAGOMAN_MAX_UPLOAD_BYTES", "lots", "not a size: 'lots'"),
-                                ("DRAGOMAN_DEFAULT_MODE", "fast", "'fast' is not one of batched, sequential"),
-                                ("DRAGOMAN_MAX_CONCURRENT_STREAMS", "0", "must be a positive integer, got '0'")]:
+    # argparse checks neither the type nor the choices of a default: a variable is read as its flag
+    # is, and named once the command line is parsed, unless the flag was given there.
+    for var, flag, value, message in [
+            ("DRAGOMAN_MAX_UPLOAD_BYTES", "--max-upload-bytes=1", "lots", "'lots' is not a size"),
+            ("DRAGOMAN_DEFAULT_MODE", "--default-mode=batched", "fast", "'fast' is not one of batched, sequential"),
+            ("DRAGOMAN_MAX_CONCURRENT_STREAMS", "--max-concurrent-streams=1", "0", "'0' is not a positive integer"),
+            ("DRAGOMAN_GRACE_PERIOD", "--grace-period=1", "nan", "'nan' is not 0 or a positive number of seconds"),
+            ("DRAGOMAN_PORT", "--port=1", "70000", "'70000' is not a port")]:
         monkeypatch.setenv(var, value)
+        parser = argparse.ArgumentParser()
+        add_server_arguments(parser)
         with pytest.raises(SystemExit):
-            add_server_arguments(argparse.ArgumentParser())
-        assert f"{var}: {message}" in capsys.readouterr().err
+            check_environment(parser, parser.parse_args([]))
+        assert f"{var}={message}" in capsys.readouterr().err
+        check_environment(parser, parser.parse_args([flag]))  # the flag's value wins over the variable
         monkeypatch.delenv(var)
 
 

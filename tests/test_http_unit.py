@@ -200,6 +200,10 @@ def test_event_stream_joins_to_the_text():
         done = json.loads(out.done(3, 4)[len("data: "):])
         assert done["type"] == "transcript.text.done" and done["text"] == out.text
         assert done["choices"][0]["finish_reason"] == "stop" and done["usage"]["total_tokens"] == 7
+    continuous = EventStream("transcribe", "m", include_usage=True, continuous_usage=True)
+    assert "usage" not in json.loads(continuous.delta(" a")[len("data: "):])  # no count came with this text
+    assert json.loads(continuous.delta(" b", (3, 4))[len("data: "):])["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
 def test_params_checks():
@@ -607,14 +611,18 @@ def test_config_flags_and_env():
 
 
 @pytest.mark.parametrize("var, value, message", [
-    ("DRAGOMAN_HTTP_PORT", "http", "DRAGOMAN_HTTP_PORT: not an integer: 'http'"),
-    ("DRAGOMAN_HTTP_REQUEST_TIMEOUT", "inf", "DRAGOMAN_HTTP_REQUEST_TIMEOUT: must be a positive number, got 'inf'"),
-    ("DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", "0MB", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES: the size must be positive, got '0MB'"),
-    ("DRAGOMAN_HTTP_LOG_LEVEL", "loud", "DRAGOMAN_HTTP_LOG_LEVEL: 'loud' is not one of debug, info, warning, error"),
+    ("DRAGOMAN_HTTP_PORT", "http", "DRAGOMAN_HTTP_PORT='http' is not an integer"),
+    ("DRAGOMAN_HTTP_REQUEST_TIMEOUT", "inf", "DRAGOMAN_HTTP_REQUEST_TIMEOUT='inf' is not a positive number"),
+    ("DRAGOMAN_HTTP_MAX_UPLOAD_BYTES", "0MB", "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES='0MB' is not a positive size"),
+    ("DRAGOMAN_HTTP_LOG_LEVEL", "loud", "DRAGOMAN_HTTP_LOG_LEVEL='loud' is not one of debug, info, warning, error"),
+    ("DRAGOMAN_HTTP_CORS_ORIGINS", "", None),  # empty: unset
 ])
 def test_a_bad_environment_variable_is_named(var, value, message, capsys):
     from http_shim.config import parse_args
 
+    if message is None:
+        assert parse_args([], env={var: value}) == parse_args([], env={})
+        return
     with pytest.raises(SystemExit):
         parse_args([], env={var: value})
     assert message in capsys.readouterr().err
@@ -627,6 +635,16 @@ def test_the_api_key_is_never_shown_in_the_help(capsys):
         parse_args(["--help"], env={"DRAGOMAN_API_KEY": "sk-secret"})
     shown = capsys.readouterr().out
     assert "sk-secret" not in shown and "default set" in shown
+
+
+def test_the_help_shows_what_the_environment_set(capsys):
+    from http_shim.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], env={"DRAGOMAN_HTTP_MAX_UPLOAD_BYTES": "1GB", "DRAGOMAN_HTTP_CORS_ORIGINS": "https://a%b"})
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "DRAGOMAN_HTTP_MAX_UPLOAD_BYTES; default 1073741824)" in shown
+    assert "DRAGOMAN_HTTP_CORS_ORIGINS; default https://a%b)" in shown  # argparse's % formatting escaped
 
 
 def test_unknown_fields_are_logged_and_ignored(client, caplog):

@@ -180,6 +180,7 @@ def test_missing_path_is_reported():
 def test_offline_hub_without_cache_says_how_to_use_a_local_directory(tmp_path):
     """HF_HUB_OFFLINE and HF_HOME, as set for the process: it fails at once, naming the cache."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)  # it would win over HF_HOME
     code = "from service.engine import weights; weights.resolve('openai/whisper-large-v3')"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
@@ -207,6 +208,7 @@ def test_a_hub_id_loads_offline_from_the_hugging_face_cache(tiny_model, referenc
     copy_side_files(tiny_model[0], snapshot)
     shutil.copy(tiny_model[0] / "model.safetensors", snapshot / "model.safetensors")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)  # it would win over HF_HOME
     code = ("import numpy as np; from service.engine import weights; c = weights.resolve('openai/whisper-tiny'); "
             "p = weights.build_params(c.tensors(), c.dims, np.float32); "
             "print(c.directory); print(repr(float(np.asarray(p['decoder']['token_embedding']['kernel']).sum())))")
