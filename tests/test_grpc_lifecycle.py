@@ -153,9 +153,12 @@ def test_deadline_exceeded(server, tiny_engine, wav):
         release.set()
 
 
-def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
-    """`python -m service serve`: NOT_SERVING while the model loads and compiles, SERVING after,
-    and on SIGTERM (sent twice) the call in flight completes, new calls are refused, and it exits 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_loads_serves_and_stops_on_a_signal(tiny_model, wav, sig):
+    """`python -m service serve`: NOT_SERVING while the model loads and compiles, SERVING after.
+    SIGTERM, sent twice (a supervisor and the process group each send one): the call in flight
+    completes, new calls are refused, and it exits 0. SIGINT twice (Ctrl-C, Ctrl-C): the second
+    cancels the call in flight, and it exits 0 at once, not after the grace period."""
     env = {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DRAGOMAN_MALLOC")},
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu",
@@ -200,15 +203,22 @@ def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model, wav):
                 in_flight = stub(port).Transcribe(held(), timeout=120)
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         wait_for(lambda: any("shutting down" in line for line in lines), timeout=10)
-        proc.send_signal(signal.SIGTERM)  # as a supervisor and the process group each send one
         with pytest.raises(grpc.RpcError) as info:
             list(stub(port).Transcribe(requests("transcribe", config(), wav), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        release.set()
-        assert list(in_flight)[-1].WhichOneof("event") == "summary"
-        assert proc.wait(60) == 0, "".join(lines)
+        proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            release.set()
+            assert list(in_flight)[-1].WhichOneof("event") == "summary"
+            assert proc.wait(60) == 0, "".join(lines)
+        else:
+            with pytest.raises(grpc.RpcError):  # cancelled while it waits on its audio
+                list(in_flight)
+            assert proc.wait(20) == 0, "".join(lines)  # well within the grace period of 60 s
+            assert any("second interrupt: cancelling 1 call(s) in flight" in line for line in lines), "".join(lines)
+            release.set()
     finally:
         if proc.poll() is None:
             proc.kill()
