@@ -419,7 +419,7 @@ def _sse(events: Iterator, out: EventStream) -> Iterator[str]:
         return
     if result is None:
         result = Result(text=out.text, language="", duration=0.0)
-    yield out.done(result.prompt_tokens, result.completion_tokens)
+    yield out.done(result.prompt_tokens, result.completion_tokens, result.truncated)
     if out.include_usage:
         yield out.usage(result.prompt_tokens, result.completion_tokens, result.duration)
     yield out.DONE

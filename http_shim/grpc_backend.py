@@ -222,7 +222,7 @@ class GrpcCall:
                     yield Summary(Result(text=s.text, language=s.language, duration=_seconds(s.duration),
                                          language_probability=s.language_probability,
                                          prompt_tokens=s.usage.prompt_tokens,
-                                         completion_tokens=s.usage.completion_tokens))
+                                         completion_tokens=s.usage.completion_tokens, truncated=s.truncated))
         except grpc.RpcError as e:
             raise http_error(e, self._fields) from None
 

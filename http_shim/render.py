@@ -50,6 +50,7 @@ class Result:
     language_probability: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    truncated: bool = False  # some window's text was cut at the token limit
 
 
 def clean_text(text: str) -> str:
@@ -201,14 +202,16 @@ class EventStream:
     def text(self) -> str:
         return "".join(self.sent)
 
-    def done(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> str:
-        """The last text event: the whole text (OpenAI's `transcript.text.done`), finish_reason for vLLM."""
+    def done(self, prompt_tokens: int = 0, completion_tokens: int = 0, truncated: bool = False) -> str:
+        """The last text event: the whole text (OpenAI's `transcript.text.done`), and vLLM's
+        finish_reason: "length" when some window's text was cut at the token limit."""
         extra: dict = {"type": "transcript.text.done", "text": self.text}
         if self.include_usage:
             extra["usage"] = {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens,
                               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        return self._chunk([{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}], **extra)
+        reason = "length" if truncated else "stop"
+        return self._chunk([{"index": 0, "delta": {"content": ""}, "finish_reason": reason}], **extra)
 
     def usage(self, prompt_tokens: int, completion_tokens: int, duration: float) -> str:
         """vLLM's usage chunk (no choices), also typed for OpenAI's clients."""

@@ -409,4 +409,4 @@ def _summary(r: Transcription) -> pb.Summary:
     return pb.Summary(text=r.text, language=r.language, language_probability=float(r.language_probability),
                       duration=_duration(r.duration),
                       usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                                     audio_seconds=r.duration))
+                                     audio_seconds=r.duration), truncated=r.truncated)

@@ -118,7 +118,7 @@ def test_usage_counts_the_prompt_and_the_tokens_of_every_attempt(tiny_engine):
     once = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), **options))
     assert [len(s.tokens) for s in once.segments] == [4]  # random weights never end a text: cut at 4, no end
     # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>, then 4 tokens.
-    assert (once.prompt_tokens, once.completion_tokens) == (4, 4)
+    assert (once.prompt_tokens, once.completion_tokens) == (4, 4) and once.truncated
     every = tiny_engine.transcribe(audio, TranscribeOptions(**options))  # fails the thresholds at 0, 0.2 ... 1
     assert [s.temperature for s in every.segments] == [1.0]
     assert (every.prompt_tokens, every.completion_tokens) == (6 * 4, 6 * 4)
@@ -129,7 +129,7 @@ def test_usage_counts_the_prompt_and_the_tokens_of_every_attempt(tiny_engine):
     long = tiny_engine.transcribe(audio, TranscribeOptions(temperatures=(0.0,), prompt=" Ana" * 300, language="en",
                                                            timestamps=False))
     assert [len(s.tokens) for s in long.segments] == [221]
-    assert (long.prompt_tokens, long.completion_tokens) == (228, 221)
+    assert (long.prompt_tokens, long.completion_tokens) == (228, 221) and long.truncated
 
 
 def test_repetition_penalty_changes_the_choice_of_repeated_tokens(tiny_engine):

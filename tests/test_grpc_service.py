@@ -61,7 +61,9 @@ def test_translate_wav(client, wav):
 
 
 def test_transcribe_with_deltas(client, wav):
-    check_result(call(client, "transcribe", config(stream_deltas=True), wav), 3.0, deltas=True)
+    r = call(client, "transcribe", config(stream_deltas=True), wav)
+    check_result(r, 3.0, deltas=True)
+    assert r.summary.truncated  # random weights never end a text: cut at max_new_tokens
 
 
 def test_translate_with_deltas_and_options(client, wav, tiny_engine):

@@ -312,7 +312,8 @@ def test_vllm_streaming_client(servers, reference, task, continuous):
     deltas = [c for c in chunks if c.get("type") == "transcript.text.delta"]
     assert "".join(c["delta"] for c in deltas) == text
     done = [c for c in chunks if c.get("type") == "transcript.text.done"]
-    assert len(done) == 1 and done[0]["text"] == text and done[0]["choices"][0]["finish_reason"] == "stop"
+    # Random weights never end a text: each window's is cut at max_completion_tokens, and vLLM says so.
+    assert len(done) == 1 and done[0]["text"] == text and done[0]["choices"][0]["finish_reason"] == "length"
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
     assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]

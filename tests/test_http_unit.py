@@ -200,6 +200,8 @@ def test_event_stream_joins_to_the_text():
         done = json.loads(out.done(3, 4)[len("data: "):])
         assert done["type"] == "transcript.text.done" and done["text"] == out.text
         assert done["choices"][0]["finish_reason"] == "stop" and done["usage"]["total_tokens"] == 7
+        cut = json.loads(out.done(3, 4, truncated=True)[len("data: "):])
+        assert cut["choices"][0]["finish_reason"] == "length"  # as vLLM says of a text cut at its token limit
     continuous = EventStream("transcribe", "m", include_usage=True, continuous_usage=True)
     assert "usage" not in json.loads(continuous.delta(" a")[len("data: "):])  # no count came with this text
     assert json.loads(continuous.delta(" b", (3, 4))[len("data: "):])["usage"] == {

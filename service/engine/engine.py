@@ -208,6 +208,7 @@ class _Run:
         self._count_lock = threading.Lock()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.truncated = False  # some window's text was cut rather than ended
         self.language = options.language
         self.language_probability = 1.0
         n_ctx = engine.dims.n_text_ctx
@@ -276,7 +277,7 @@ class _Run:
             self.completion_tokens += len(out.tokens) + out.ended
         text = self.tok.decode(out.tokens).strip()
         return WindowResult(out.tokens, text, temperature, out.sum_logprob / (len(out.tokens) + 1),
-                            compression_ratio(text), out.no_speech_prob)
+                            compression_ratio(text), out.no_speech_prob, out.ended)
 
     def _needs_fallback(self, r: WindowResult) -> bool:
         o = self.options
@@ -303,6 +304,7 @@ class _Run:
         self.last_speech_timestamp = last_end(raw)  # as openai-whisper: where speech last ended, words or not
 
     def _emit(self, seek: int, raw, result: WindowResult) -> list[Segment]:
+        self.truncated |= not result.ended
         out = []
         for s in raw:
             empty = s.start == s.end or not s.text.strip()  # kept, emptied, as openai-whisper does
@@ -340,7 +342,7 @@ class _Run:
         self._stop_if_cancelled()
         text = "".join(s.text for s in self.segments)
         return Transcription(text, self.language or "en", self.language_probability, duration, self.segments,
-                             self.prompt_tokens, self.completion_tokens)
+                             self.prompt_tokens, self.completion_tokens, self.truncated)
 
     # -- batched: every window at once, times offset by each window's start
 

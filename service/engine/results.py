@@ -122,6 +122,7 @@ class Transcription:
     segments: list[Segment] = field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens fed to the decoder, over all windows
     completion_tokens: int = 0  # tokens sampled, over all windows and attempts
+    truncated: bool = False  # some window's text was cut at max_new_tokens or the text context, not ended
 
     def to_dict(self) -> dict:
         d = asdict(self)

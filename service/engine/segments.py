@@ -25,6 +25,7 @@ class WindowResult:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
+    ended: bool = True  # by the model's end-of-text; else cut at the most tokens or by the text context
 
 
 @dataclass
