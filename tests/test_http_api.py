@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -63,9 +64,27 @@ LONG = make_audio(35.0, "mp3", seed=2)  # two 30 s windows, several segments (so
 
 
 def free_port() -> int:
+    """A port nothing listens on (for a target that must be down)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SERVICE_LISTENING = r"listening on \S+:(\d+)"
+SHIM_LISTENING = r"Listening at: http://\S+:(\d+)"  # gunicorn's
+
+
+def listening_port(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 120) -> int:
+    """The port a process started with port 0 took, from its log: no other process can take it
+    between the choice and the bind, as with a port picked for it beforehand."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return int(m.group(1))
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no port in the log (exit status {proc.poll()}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 class Servers:
@@ -100,20 +119,21 @@ def _stop(proc: subprocess.Popen) -> None:
 def servers(tiny_model, tmp_path_factory):
     model_dir = str(tiny_model[0])
     logs = tmp_path_factory.mktemp("logs")
-    grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("DRAGOMAN_API_KEY", None)
     server_log = open(logs / "service.log", "w")
     shim_log = open(logs / "shim.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model", model_dir,
-                               "--port", str(grpc_port), "--max-batch", str(MAX_BATCH)],
+                               "--port", "0", "--max-batch", str(MAX_BATCH)],
                               cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
-    shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", str(http_port),
-                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--api-key", API_KEY,
-                             "--max-upload-bytes", str(MAX_UPLOAD), "--threads", "8", "--request-timeout", "120"],
-                            cwd=ROOT, env=env, stdout=shim_log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
+    shim = None
     try:
+        grpc_port = listening_port(server, logs / "service.log", SERVICE_LISTENING)
+        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", "0",
+                                 "--grpc-target", f"127.0.0.1:{grpc_port}", "--api-key", API_KEY,
+                                 "--max-upload-bytes", str(MAX_UPLOAD), "--threads", "8", "--request-timeout", "120"],
+                                cwd=ROOT, env=env, stdout=shim_log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{listening_port(shim, logs / 'shim.log', SHIM_LISTENING)}"
         deadline = time.monotonic() + 400
         while True:
             for name, proc, log in (("service", server, logs / "service.log"), ("shim", shim, logs / "shim.log")):
@@ -129,7 +149,8 @@ def servers(tiny_model, tmp_path_factory):
             time.sleep(0.5)
         yield Servers(url, f"127.0.0.1:{grpc_port}", model_dir)
     finally:
-        _stop(shim)
+        if shim is not None:
+            _stop(shim)
         _stop(server)
         server_log.close()
         shim_log.close()
@@ -530,15 +551,15 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path
     """gunicorn's threads read a request body for as long as the client takes: --upload-timeout
     ends the wait. The file comes first (as curl sends it), so no call to the service has begun
     that could time out instead. The shim has one thread, which then serves the next request."""
-    port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("DRAGOMAN_API_KEY", None)
     with open(tmp_path / "shim.log", "w") as log:
-        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", str(port), "--grpc-target",
+        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", "0", "--grpc-target",
                                  servers.grpc_target, "--threads", "1", "--upload-timeout", "1"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
+        port = listening_port(shim, tmp_path / "shim.log", SHIM_LISTENING)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             try:
