@@ -207,9 +207,9 @@ class EventStream:
         finish_reason: "length" when some window's text was cut at the token limit."""
         extra: dict = {"type": "transcript.text.done", "text": self.text}
         if self.include_usage:
+            # OpenAI's token usage, and vLLM's names of the same counts.
             extra["usage"] = {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens,
-                              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+                              **_token_usage(prompt_tokens, completion_tokens)}
         reason = "length" if truncated else "stop"
         return self._chunk([{"index": 0, "delta": {"content": ""}, "finish_reason": reason}], **extra)
 
