@@ -68,6 +68,14 @@ class SpeechServer:
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+        self.metrics_server = None
+        self.metrics_port: int | None = None  # where GET /metrics is served, when it is
+        if config.metrics_port is not None:
+            try:
+                self.metrics_server = self.servicer.metrics.serve(config.host, config.metrics_port)
+            except OSError as e:
+                raise RuntimeError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {e}") from None
+            self.metrics_port = self.metrics_server.server_port
 
     @classmethod
     async def create(cls, config: ServerConfig, engine=None) -> "SpeechServer":
@@ -77,6 +85,8 @@ class SpeechServer:
         await self._set_health(NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d", config.host, self.port)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         if engine is not None:
             await self.set_engine(engine)
         return self
@@ -97,6 +107,9 @@ class SpeechServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_period if grace is None else grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_server is not None:  # scraped until the last call has ended
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
 
 async def build_server(engine, config: ServerConfig) -> tuple[SpeechServer, int]:

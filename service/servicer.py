@@ -29,8 +29,9 @@ from . import errors
 from .audio import AudioError, AudioLimits, decode_audio
 from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription, Usage
 from .engine import Segment as EngineSegment
-from .languages import LANGUAGES, language_code
 from .errors import ServiceError, invalid_argument
+from .languages import LANGUAGES, language_code
+from .metrics import ServiceMetrics
 from .pcm_stream import PcmStream
 from .model_names import short_name
 from .settings import ServerConfig
@@ -60,6 +61,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         self.engine = None  # set once loaded and warmed up
         self.draining = False
         self.active = 0  # Translate/Transcribe calls in progress
+        self.metrics = ServiceMetrics(self)
 
     @property
     def model_id(self) -> str:
@@ -93,28 +95,46 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     # ---- one streaming call --------------------------------------------------------------
 
     async def _stream(self, task: str, requests, context, response_type):
-        if self.engine is None:
-            await context.abort_with_status(errors.unavailable("the model is still loading").status())
-        if self.draining:
-            await context.abort_with_status(errors.unavailable("the server is shutting down").status())
-        if self.active >= self.config.max_concurrent_streams:
-            await context.abort_with_status(errors.resource_exhausted(
-                f"the server is already serving {self.active} calls, its limit").status())
-        self.active += 1
-        call = _Call(self, task, requests.__aiter__(), response_type)
+        started = time.perf_counter()
+        code = grpc.StatusCode.CANCELLED  # kept when the client goes away: grpc.aio cancels the call's task
+        call = None
         try:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            self.active += 1
+            call = _Call(self, task, requests.__aiter__(), response_type)
             async for response in call.run():
                 yield response
+            code = grpc.StatusCode.OK
+            self.metrics.call_succeeded(task, time.perf_counter() - started, call.result)
         except ServiceError as e:
+            code = e.code
             if e.code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", task, e.message)
             await context.abort_with_status(e.status())
         except Exception as e:  # a bug: the call fails, the server goes on
+            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", task)
             await context.abort_with_status(errors.internal(f"{type(e).__name__}: {e}").status())
         finally:
-            self.active -= 1
-            call.stop()
+            if call is not None:
+                self.active -= 1
+                call.stop()
+            remaining = context.time_remaining()  # None: no deadline
+            if code == grpc.StatusCode.CANCELLED and remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # gRPC cancelled the call at the client's deadline
+            self.metrics.call_ended(task, code)
+
+    def _refusal(self) -> ServiceError | None:
+        """Why a new call is refused at once, if it is."""
+        if self.engine is None:
+            return errors.unavailable("the model is still loading")
+        if self.draining:
+            return errors.unavailable("the server is shutting down")
+        if self.active >= self.config.max_concurrent_streams:
+            return errors.resource_exhausted(f"the server is already serving {self.active} calls, its limit")
+        return None
 
 
 class _Call:
@@ -132,6 +152,8 @@ class _Call:
         self.receiver: asyncio.Task | None = None
         self.input_error: ServiceError | None = None
         self.started = time.perf_counter()
+        self.first_segment = True
+        self.result: Transcription | None = None  # once the engine is done
         # Whether the call waits on its client: until the engine starts on the audio, and then
         # whenever it has done all it can with the audio so far (the engine's on_waiting). Only
         # then does the receive timeout run: a client may wait for results before it sends more.
@@ -187,6 +209,9 @@ class _Call:
             kind, value = await self.events.get()
             if kind == "segment":
                 segment, used = value
+                if self.first_segment:
+                    self.first_segment = False
+                    self.servicer.metrics.first_segment(self.task, time.perf_counter() - self.started)
                 if stream_deltas:
                     yield self.response_type(delta=pb.Delta(text=segment.text, usage=pb.Usage(
                         prompt_tokens=used.prompt_tokens, completion_tokens=used.completion_tokens,
@@ -203,6 +228,7 @@ class _Call:
             raise self._engine_error(error)
         log.info("%s: %.1f s of audio, %d segments, %s, in %.2f s", self.task, result.duration, len(result.segments),
                  result.language, time.perf_counter() - self.started)
+        self.result = result
         yield self.response_type(summary=_summary(result))
 
     # -- the Config

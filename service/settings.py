@@ -29,11 +29,14 @@ class ServerConfig:
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     model_id: str | None = None  # the served model's id; None: the engine's name
+    metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (0: any free one); None: off
     aliases: tuple[str, ...] = (WHISPER_ALIAS,)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.max_concurrent_streams < 1:
             raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
         if not 0 < self.max_audio_seconds < math.inf:
@@ -56,6 +59,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     env_flag(p, "--host", "DRAGOMAN_HOST", default=d.host,
              help="address to listen on; 0.0.0.0 or [::] for every interface")
     env_flag(p, "--port", "DRAGOMAN_PORT", type=port, default=d.port, help="port to listen on; 0 picks a free one")
+    env_flag(p, "--metrics-port", "DRAGOMAN_METRICS_PORT", type=port, default=d.metrics_port,
+             help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host); 0 picks a free one")
     env_flag(p, "--max-concurrent-streams", "DRAGOMAN_MAX_CONCURRENT_STREAMS", type=positive_integer,
              default=d.max_concurrent_streams,
              help="Translate and Transcribe calls served at once; further calls get RESOURCE_EXHAUSTED with a retry delay")
@@ -79,4 +84,4 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, max_concurrent_streams=args.max_concurrent_streams,
                         max_audio_seconds=args.max_audio_seconds, max_upload_bytes=args.max_upload_bytes,
                         default_mode=args.default_mode, grace_period=args.grace_period, receive_timeout=args.receive_timeout,
-                        model_id=args.model)
+                        model_id=args.model, metrics_port=args.metrics_port)

@@ -1,7 +1,10 @@
-"""Helpers of the gRPC tests: an in-process server, calls, error details, encoded test audio."""
+"""Helpers of the gRPC tests: an in-process server, calls, error details, encoded test audio, metrics."""
 from __future__ import annotations
 
 import io
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -10,6 +13,7 @@ import grpc
 import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
 from dragoman.v1 import speech_pb2 as pb
 from dragoman.v1 import speech_pb2_grpc
@@ -147,3 +151,32 @@ def pcm(audio: np.ndarray, encoding: str) -> bytes:
     if encoding == "s16le":
         return np.clip(np.round(audio * 32768), -32768, 32767).astype("<i2").tobytes()
     return audio.astype("<f4").tobytes()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(interval)
+
+
+def held_pcm(seconds: float, release: threading.Event, **kw):
+    """A PCM call that sends its audio, then keeps the stream open until released."""
+    data = pcm(tone(seconds, seed=21), "s16le")
+
+    def messages():
+        yield pb.TranslateRequest(config=pb.Config(encoding=pb.AUDIO_ENCODING_S16LE, sample_rate_hertz=16000, **kw))
+        for i in range(0, len(data), 64 * 1024):
+            yield pb.TranslateRequest(audio=data[i : i + 64 * 1024])
+        release.wait(60)
+
+    return messages()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of GET /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dragoman.v1 import speech_pb2 as pb
-from grpc_support import FAST, call, channel, config, encode, error_details, pcm, requests, start_server, stub, tone
+from grpc_support import (FAST, call, channel, config, encode, error_details, held_pcm, requests, scrape, start_server,
+                          stub, tone, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "dragoman.v1.SpeechService"
@@ -33,13 +34,6 @@ def wav():
 def health_of(port: int, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(channel(port)).Check(health_pb2.HealthCheckRequest(service=service),
                                                            timeout=10).status
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(interval)
 
 
 def test_health_follows_the_model(tiny_engine, wav):
@@ -109,19 +103,6 @@ def test_reflection(server):
     assert response.file_descriptor_response.file_descriptor_proto
 
 
-def held_pcm(seconds: float, release: threading.Event, **kw):
-    """A PCM call that sends its audio, then keeps the stream open until released."""
-    data = pcm(tone(seconds, seed=21), "s16le")
-
-    def messages():
-        yield pb.TranslateRequest(config=pb.Config(encoding=pb.AUDIO_ENCODING_S16LE, sample_rate_hertz=16000, **kw))
-        for i in range(0, len(data), 64 * 1024):
-            yield pb.TranslateRequest(audio=data[i : i + 64 * 1024])
-        release.wait(60)
-
-    return messages()
-
-
 def test_cancelled_call_frees_its_slot(server, tiny_engine, wav):
     release = threading.Event()
     try:
@@ -164,21 +145,24 @@ def test_serve_command_loads_serves_and_stops_on_a_signal(tiny_model, wav, sig):
            "DRAGOMAN_GRACE_PERIOD": "60", "DRAGOMAN_COMPILATION_CACHE": "off", "JAX_PLATFORMS": "cpu",
            "DRAGOMAN_MAX_CONCURRENT_STREAMS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "INFO", "serve", "--model",
-                             str(tiny_model[0]), "--max-batch", "1", "--port", "0"],
+                             str(tiny_model[0]), "--max-batch", "1", "--port", "0", "--metrics-port", "0"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
-    port = None
+    port = metrics_port = None
     try:
         for line in proc.stderr:
             lines.append(line)
-            m = re.search(r"listening on \S+:(\d+)", line)
-            if m:
+            if m := re.search(r"listening on \S+:(\d+)", line):
                 port = int(m.group(1))
+            if m := re.search(r"metrics on http://\S+:(\d+)/metrics", line):
+                metrics_port = int(m.group(1))
                 break
-        assert port, "".join(lines)
+        assert port and metrics_port, "".join(lines)
         threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
         assert health_of(port) == NOT_SERVING  # warm-up compiles for a while
+        assert scrape(metrics_port)[("dragoman_ready", ())] == 0
         wait_for(lambda: health_of(port) == SERVING, timeout=300, interval=0.2)
+        assert scrape(metrics_port)[("dragoman_ready", ())] == 1
         assert any(re.search(r"ready in .* \(malloc: \S*libtcmalloc", line) for line in lines), "".join(lines)
 
         release = threading.Event()
@@ -203,11 +187,17 @@ def test_serve_command_loads_serves_and_stops_on_a_signal(tiny_model, wav, sig):
                 in_flight = stub(port).Transcribe(held(), timeout=120)
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
+        samples = scrape(metrics_port)
+        assert samples[("dragoman_calls_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "transcribe")))] >= 1
+        assert samples[("dragoman_calls_active", ())] == 1
         proc.send_signal(sig)
         wait_for(lambda: any("shutting down" in line for line in lines), timeout=10)
         with pytest.raises(grpc.RpcError) as info:
             list(stub(port).Transcribe(requests("transcribe", config(), wav), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Draining: not ready, and still scraped while the call in flight goes on.
+        samples = scrape(metrics_port)
+        assert samples[("dragoman_ready", ())] == 0 and samples[("dragoman_calls_active", ())] == 1
         proc.send_signal(sig)
         if sig == signal.SIGTERM:
             release.set()
@@ -274,10 +264,16 @@ def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
     for bad in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="max_audio_seconds must be a positive number of seconds"):
             ServerConfig(max_audio_seconds=bad)
+    assert config_from_args(parser.parse_args([])).metrics_port is None  # off unless asked
+    assert config_from_args(parser.parse_args(["--metrics-port", "9464"])).metrics_port == 9464
     monkeypatch.setenv("DRAGOMAN_MAX_UPLOAD_BYTES", "1GB")
+    monkeypatch.setenv("DRAGOMAN_METRICS_PORT", "0")
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
+    parser.add_argument("--model")
     assert parser.parse_args([]).max_upload_bytes == 1 << 30
+    assert config_from_args(parser.parse_args([])).metrics_port == 0
+    monkeypatch.delenv("DRAGOMAN_METRICS_PORT")
     # argparse checks neither the type nor the choices of a default: a variable is read as its flag
     # is, and named once the command line is parsed, unless the flag was given there.
     for var, flag, value, message in [
@@ -285,7 +281,8 @@ def test_server_flags_take_their_environment_twins(monkeypatch, capsys):
             ("DRAGOMAN_DEFAULT_MODE", "--default-mode=batched", "fast", "'fast' is not one of batched, sequential"),
             ("DRAGOMAN_MAX_CONCURRENT_STREAMS", "--max-concurrent-streams=1", "0", "'0' is not a positive integer"),
             ("DRAGOMAN_GRACE_PERIOD", "--grace-period=1", "nan", "'nan' is not 0 or a positive number of seconds"),
-            ("DRAGOMAN_PORT", "--port=1", "70000", "'70000' is not a port")]:
+            ("DRAGOMAN_PORT", "--port=1", "70000", "'70000' is not a port"),
+            ("DRAGOMAN_METRICS_PORT", "--metrics-port=9464", "on", "'on' is not an integer")]:
         monkeypatch.setenv(var, value)
         parser = argparse.ArgumentParser()
         add_server_arguments(parser)

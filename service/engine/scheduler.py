@@ -80,6 +80,7 @@ class DecodeJob:
     min_p: float = 0.0  # sampling filters (rules.RowOptions): 0, 0 and 1 are off
     top_k: int = 0
     top_p: float = 1.0
+    attempt: int = 0  # 0: the window's first decoding; n: its nth temperature fallback
     on_token: Callable[[int], None] | None = None  # each token as it comes (single-row jobs only)
     cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
@@ -93,6 +94,16 @@ class DecodeJob:
         """Decoded by beam search: several beams, or one whose patience has it collect other than
         exactly one ended hypothesis. One beam that stops at its first ending is greedy decoding."""
         return self.beam_size > 1 or round(self.beam_size * self.patience) != 1
+
+
+@dataclass
+class SchedulerStats:
+    """Running totals for monitoring. Only the decode thread writes them; a reader on another
+    thread may see one total a step ahead of another."""
+    windows: int = 0  # windows admitted for decoding, each attempt (temperature fallback) counted
+    fallbacks: int = 0  # of those, decodings again at a higher temperature
+    steps: int = 0  # decoder steps
+    rows: int = 0  # live rows summed over the steps: divided by `steps`, the batch's mean occupancy
 
 
 @dataclass
@@ -158,6 +169,7 @@ class DecodeScheduler:
         self._to_encode: deque[Window] = deque()
         self._encoding: set[Window] = set()  # queued for the encoder or being encoded
         self._started: set[Window] = set()  # being encoded
+        self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
         self._encoder = threading.Thread(target=self._encode_loop, name="encoder", daemon=True)
         self._thread.start()
@@ -192,7 +204,13 @@ class DecodeScheduler:
 
     @property
     def queued(self) -> int:
+        """Windows waiting for a batch slot."""
         return len(self._jobs)
+
+    @property
+    def busy_slots(self) -> int:
+        """Batch slots decoding a window now."""
+        return sum(g is not None for g in self._groups)
 
     def close(self) -> None:
         with self._cv:
@@ -458,6 +476,8 @@ class DecodeScheduler:
             self.tokenizer.no_speech or 0, device, [(i, groups[i].slots[r]) for i, r in copies],
             options([(groups[i], r) for i, r in copies]))
         self._slots_on = device
+        self.stats.windows += len(jobs)
+        self.stats.fallbacks += sum(j.attempt > 0 for j in jobs)
         for i, g in enumerate(groups):
             self._length[g.slots] = len(g.job.prefix)
             if self.tokenizer.no_speech is not None:
@@ -485,6 +505,8 @@ class DecodeScheduler:
                                                  length=int(self._length[live].max()), candidates=beams,
                                                  rows=live[-1] + 1, device=device)
         self._source = np.arange(len(self._source), dtype=np.int32)
+        self.stats.steps += 1
+        self.stats.rows += len(live)
         if self._queued is not None:
             self._settle()
         self._queued = choice
