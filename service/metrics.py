@@ -1,28 +1,42 @@
 """Prometheus metrics of the gRPC service: its calls, and its engine's batch, read when scraped.
 
 Every Translate/Transcribe call is counted here, the HTTP API's included: they reach the model
-through this service. `--metrics-port` serves them as Prometheus text (GET /metrics). Each
-server has a registry of its own, so that several servers in one process (tests, embedding)
-count apart.
+through this service. `--metrics-port` serves them as Prometheus text (GET /metrics), beside the
+process's own (memory, CPU time, file descriptors, garbage collection). Each server has a
+registry of its own, so that several servers in one process (tests, embedding) count their calls
+apart; the engine's totals are its own, whichever server reads them.
 """
 from __future__ import annotations
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import prometheus_client
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+                               Histogram, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+# A `_created` series beside each counter and histogram doubles what is scraped and says nothing
+# that the process's start time does not.
+prometheus_client.disable_created_metrics()
+
 METHODS = ("translate", "transcribe")
-# Whole calls: a few seconds of speech to hours of audio.
-CALL_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
-# The first segment: a window's decoding, behind the windows ahead of it.
-FIRST_SEGMENT_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+# Every status a call can end with (servicer.py): each series exists from the start, so that the
+# first failure after a restart is an increase, not a new series that increase() cannot see.
+CODES = tuple(grpc.StatusCode[name] for name in ("OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                                 "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL"))
+# Whole calls: a few seconds of speech to hours of audio (--max-audio-seconds: 4 h by default).
+CALL_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 10800, 14400)
+# The first segment: a window's decoding behind the windows ahead of it; audio streamed as PCM
+# in real time has its first 30 s window a little after 30 s.
+FIRST_SEGMENT_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 35, 40, 45, 60, 120)
 
 
 class ServiceMetrics:
     def __init__(self, servicer):
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # stateless readers of the process
+            r.register(collector)
         self.calls = Counter("dragoman_calls", "Translate and Transcribe calls ended, by gRPC status code",
                              ["method", "code"], registry=r)
         self.call_seconds = Histogram("dragoman_call_duration_seconds",
@@ -39,9 +53,9 @@ class ServiceMetrics:
               registry=r).set_function(lambda: servicer.active)
         Gauge("dragoman_ready", "1 while the service is SERVING (model loaded and compiled, not shutting down)",
               registry=r).set_function(lambda: float(servicer.engine is not None and not servicer.draining))
-        # Every series from the start, so that rates begin at zero rather than at a series' first event.
         for method in METHODS:
-            self.calls.labels(method, grpc.StatusCode.OK.name)
+            for code in CODES:
+                self.calls.labels(method, code.name)
             for metric in (self.call_seconds, self.first_segment_seconds, self.audio_seconds):
                 metric.labels(method)
             for kind in ("prompt", "completion"):
@@ -84,15 +98,15 @@ class _EngineCollector(Collector):
             "model": self.servicer.model_id, "dtype": str(programs.dtype), "max_batch": str(programs.n_slots)})
         yield GaugeMetricFamily("dragoman_batch_slots", "Batch slots: windows decoded together at most",
                                 value=programs.n_slots)
-        yield GaugeMetricFamily("dragoman_batch_slots_busy", "Batch slots decoding a window now",
-                                value=scheduler.busy_slots)
-        yield GaugeMetricFamily("dragoman_windows_waiting", "30 s windows waiting for a batch slot",
-                                value=scheduler.queued)
-        yield CounterMetricFamily("dragoman_windows_decoded", "30 s windows admitted for decoding, each "
-                                  "temperature fallback again", value=stats.windows)
-        yield CounterMetricFamily("dragoman_temperature_fallbacks", "Windows decoded again at a higher temperature "
-                                  "(their text failed the compression ratio or log probability threshold)",
+        yield GaugeMetricFamily("dragoman_batch_slots_busy", "Batch slots in use (a beam search or best-of window "
+                                "takes several)", value=scheduler.busy_slots)
+        yield GaugeMetricFamily("dragoman_window_decodes_waiting", "Decodings of 30 s windows waiting for a batch "
+                                "slot (a temperature fallback is another)", value=scheduler.queued)
+        yield CounterMetricFamily("dragoman_window_decodes", "Decodings of 30 s windows admitted to the batch (a "
+                                  "temperature fallback is another)", value=stats.windows)
+        yield CounterMetricFamily("dragoman_temperature_fallbacks", "Window decodings at a higher temperature after "
+                                  "the text failed the compression ratio or log probability threshold",
                                   value=stats.fallbacks)
         yield CounterMetricFamily("dragoman_decode_steps", "Decoder steps run", value=stats.steps)
         yield CounterMetricFamily("dragoman_decode_rows", "Batch rows decoded, summed over the steps (over "
-                                  "dragoman_decode_steps_total: the batch's mean occupancy)", value=stats.rows)
+                                  "dragoman_decode_steps_total: rows per step)", value=stats.rows)

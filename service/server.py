@@ -70,12 +70,6 @@ class SpeechServer:
             raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
         self.metrics_server = None
         self.metrics_port: int | None = None  # where GET /metrics is served, when it is
-        if config.metrics_port is not None:
-            try:
-                self.metrics_server = self.servicer.metrics.serve(config.host, config.metrics_port)
-            except OSError as e:
-                raise RuntimeError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {e}") from None
-            self.metrics_port = self.metrics_server.server_port
 
     @classmethod
     async def create(cls, config: ServerConfig, engine=None) -> "SpeechServer":
@@ -85,7 +79,13 @@ class SpeechServer:
         await self._set_health(NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d", config.host, self.port)
-        if self.metrics_port is not None:
+        if config.metrics_port is not None:
+            try:
+                self.metrics_server = self.servicer.metrics.serve(config.host, config.metrics_port)
+            except OSError as e:
+                await self.server.stop(0)
+                raise RuntimeError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {e}") from None
+            self.metrics_port = self.metrics_server.server_port
             log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         if engine is not None:
             await self.set_engine(engine)
@@ -108,7 +108,7 @@ class SpeechServer:
         await self.server.stop(self.config.grace_period if grace is None else grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:  # scraped until the last call has ended
-            self.metrics_server.shutdown()
+            await asyncio.to_thread(self.metrics_server.shutdown)  # waits up to its poll interval, 0.5 s
             self.metrics_server.server_close()
 
 

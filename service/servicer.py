@@ -52,6 +52,7 @@ OPTION_FIELDS = {"temperature": "config.temperature", "temperatures": "config.te
                  "logprob_threshold": "config.logprob_threshold", "no_speech_threshold": "config.no_speech_threshold",
                  "min_p": "config.min_p", "top_k": "config.top_k", "top_p": "config.top_p"}
 THRESHOLDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
+DEADLINE_SLACK = 1.0  # seconds (see SpeechServicer._stream)
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
@@ -95,9 +96,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     # ---- one streaming call --------------------------------------------------------------
 
     async def _stream(self, task: str, requests, context, response_type):
-        started = time.perf_counter()
-        code = grpc.StatusCode.CANCELLED  # kept when the client goes away: grpc.aio cancels the call's task
+        code = grpc.StatusCode.CANCELLED  # kept when the call's task is cancelled (client gone, grace period over)
         call = None
+        error: ServiceError | None = None
         try:
             refusal = self._refusal()
             if refusal is not None:
@@ -107,24 +108,30 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             async for response in call.run():
                 yield response
             code = grpc.StatusCode.OK
-            self.metrics.call_succeeded(task, time.perf_counter() - started, call.result)
+            self.metrics.call_succeeded(task, time.perf_counter() - call.started, call.result)
         except ServiceError as e:
-            code = e.code
+            error = e
             if e.code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", task, e.message)
-            await context.abort_with_status(e.status())
         except Exception as e:  # a bug: the call fails, the server goes on
-            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", task)
-            await context.abort_with_status(errors.internal(f"{type(e).__name__}: {e}").status())
+            error = errors.internal(f"{type(e).__name__}: {e}")
         finally:
+            if error is not None:
+                code = error.code
+            # gRPC cancels a call at the client's deadline. The server's copy of the deadline runs
+            # later than the client's (it starts when the headers arrive), so the client may
+            # cancel a little before it: a cancellation within DEADLINE_SLACK of it counts as one.
+            remaining = context.time_remaining()  # None: no deadline
+            if code == grpc.StatusCode.CANCELLED and remaining is not None and remaining <= DEADLINE_SLACK:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            # Counted before the client hears of the end, so that what it sees is already counted.
+            self.metrics.call_ended(task, code)
             if call is not None:
                 self.active -= 1
                 call.stop()
-            remaining = context.time_remaining()  # None: no deadline
-            if code == grpc.StatusCode.CANCELLED and remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED  # gRPC cancelled the call at the client's deadline
-            self.metrics.call_ended(task, code)
+        if error is not None:
+            await context.abort_with_status(error.status())
 
     def _refusal(self) -> ServiceError | None:
         """Why a new call is refused at once, if it is."""
@@ -152,7 +159,7 @@ class _Call:
         self.receiver: asyncio.Task | None = None
         self.input_error: ServiceError | None = None
         self.started = time.perf_counter()
-        self.first_segment = True
+        self.first_segment_sent = False
         self.result: Transcription | None = None  # once the engine is done
         # Whether the call waits on its client: until the engine starts on the audio, and then
         # whenever it has done all it can with the audio so far (the engine's on_waiting). Only
@@ -209,8 +216,8 @@ class _Call:
             kind, value = await self.events.get()
             if kind == "segment":
                 segment, used = value
-                if self.first_segment:
-                    self.first_segment = False
+                if not self.first_segment_sent:
+                    self.first_segment_sent = True
                     self.servicer.metrics.first_segment(self.task, time.perf_counter() - self.started)
                 if stream_deltas:
                     yield self.response_type(delta=pb.Delta(text=segment.text, usage=pb.Usage(
