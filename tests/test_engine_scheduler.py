@@ -603,3 +603,62 @@ def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, la
     assert warmed_up >= PROGRAMS
     assert not serving, serving  # not even the glue between the programs
     assert compiled[len(serving):] == ["jit(<lambda>)"]
+
+
+def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine):
+    """Calls take turns in the batch: a short call that comes while a long file's windows wait
+    for slots has its language detected and its window decoded next to them, not after them."""
+    from audio_signals import speechlike
+    from service.engine import TranscribeOptions
+
+    once = dict(temperatures=(0.0,), max_new_tokens=8)
+    long_done: list[float] = []
+    long_call = threading.Thread(target=tiny_engine.transcribe, args=(speechlike(40 * 30.0, seed=5),),
+                                 kwargs=dict(options=TranscribeOptions(language="en", **once),
+                                             on_progress=long_done.append))
+    long_call.start()
+    try:
+        deadline = time.monotonic() + 120
+        while tiny_engine.scheduler.queued < 30:  # the long file's windows wait for the batch's 8 slots
+            assert time.monotonic() < deadline and long_call.is_alive()
+            time.sleep(0.01)
+        short = tiny_engine.transcribe(speechlike(5.0, seed=6), TranscribeOptions(**once))  # language detected
+        done_then = len(long_done)
+    finally:
+        long_call.join(300)
+    assert short.segments and len(long_done) >= 38
+    # Taking turns, the short call is in the second batch (16 of the long file's windows admitted
+    # by then at most); queued behind the long file, in the fifth (at least 32).
+    assert done_then <= 24, done_then
+
+
+def test_callers_take_turns_and_a_retry_continues_its_call(one_slot, tiny_engine):
+    """The queue's order: a caller's first window goes ahead of another's queued ones, callers
+    with windows waiting alternate, and a retry at a higher temperature goes ahead of its own
+    caller's fresh windows."""
+    scheduler, prefix = one_slot
+    n_mels = tiny_engine.dims.n_mels
+
+    class Call:  # an owner: anything weakly referable, one per call
+        pass
+
+    a, b = Call(), Call()
+    finished: list[str] = []
+
+    def job(name: str, owner: Call, seed: int, **kw) -> None:
+        j = DecodeJob(Window(noise(n_mels, seed)), prefix, 0, timestamps=False, owner=owner, **{"sample_len": 2, **kw})
+        scheduler.submit(j).add_done_callback(lambda _: finished.append(name))
+
+    job("a0", a, 30, sample_len=100)
+    deadline = time.monotonic() + 120
+    while scheduler.busy_slots == 0:  # a0 holds the only slot while the others queue
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for name, owner, seed in [("a1", a, 31), ("a2", a, 32), ("a3", a, 33), ("b0", b, 34), ("b1", b, 35)]:
+        job(name, owner, seed)
+    job("a0 again", a, 30, attempt=1)
+    deadline = time.monotonic() + 120
+    while len(finished) < 7:
+        assert time.monotonic() < deadline, finished
+        time.sleep(0.01)
+    assert finished == ["a0", "b0", "a0 again", "a1", "b1", "a2", "a3"]

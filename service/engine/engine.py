@@ -271,7 +271,7 @@ class _Run:
                          o.repetition_penalty, key, self.sample_len, beam_size=beam_size, patience=patience,
                          best_of=best_of, length_penalty=o.length_penalty, min_p=o.min_p,
                          top_k=min(o.top_k or 0, 2**31 - 1), top_p=o.top_p, attempt=temperature_index,
-                         cancel=self.cancel)
+                         owner=self, cancel=self.cancel)
 
     def _result(self, out: DecodeOutput, temperature: float) -> WindowResult:
         with self._count_lock:  # and its end-of-text, if it produced one

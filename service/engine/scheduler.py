@@ -4,15 +4,18 @@ Callers submit `DecodeJob`s (one window at one temperature) from any thread and 
 The scheduler thread fills free batch slots with waiting jobs, runs the compiled step for all
 slots at once, hands each step's tokens out as they come, and frees a slot the moment its
 window ends (end-of-text, token limit, or cancellation), so a short window never waits for a
-long one and no request waits for another to finish.
+long one and no request waits for another to finish. Calls take turns for free slots (see
+`_enqueue`): a short call that comes while a long file's windows wait is decoded beside them,
+not after them.
 
 A second thread runs the encoder on submitted windows, so that while every slot is busy the
 next windows are encoded as the batch decodes (the encoder is compute-bound, a decode step
 mostly waits on memory). While a slot is free and the window that would fill it is being
 encoded, the batch waits for it instead: steps with empty slots would waste the device. Where
 the decoder has cores of its own (CPU lanes, lanes.py), it encodes a waiting window itself
-rather than wait. The encoder reads ahead at most one batch of windows, so a long queue does
-not hold its encoder outputs in memory.
+rather than wait. The encoder reads ahead the windows of the next batch's worth of queued jobs
+(language detections' first: their calls wait on them), so a long queue does not hold its
+encoder outputs in memory.
 
 Steps are queued one ahead: a row fed by the program's own pick (greedy or sampled; not beam
 search, whose host decides among candidates) needs no host round trip, so the next step is
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable
 
 import jax
@@ -81,9 +86,11 @@ class DecodeJob:
     top_k: int = 0
     top_p: float = 1.0
     attempt: int = 0  # 0: the window's first decoding; n: its nth temperature fallback
+    owner: object = None  # the call it is for (weakly referenced): calls take turns (None: a call of its own)
     on_token: Callable[[int], None] | None = None  # each token as it comes (single-row jobs only)
     cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
+    queue_tag: int = field(default=0, init=False, repr=False)  # its place in the queue (DecodeScheduler._enqueue)
 
     @property
     def rows(self) -> int:
@@ -152,7 +159,10 @@ class DecodeScheduler:
         self.programs = programs
         self.tokenizer = tokenizer
         self.max_queue = max_queue
-        self._jobs: deque[DecodeJob] = deque()
+        self._jobs: deque[DecodeJob] = deque()  # in the order they are admitted (see _enqueue)
+        self._now = 0  # the queue tag of the job admitted last
+        # Each owner's tag after its last job; an owner's entry goes when the owner does.
+        self._next_tag: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._detections: deque[_Detection] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -186,10 +196,29 @@ class DecodeScheduler:
                 raise SchedulerClosed("the engine is shutting down")
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} windows are already waiting to be decoded")
-            self._jobs.append(job)
+            self._enqueue(job)
             self._request_features(job.window)
             self._cv.notify_all()
         return job.future
+
+    def _enqueue(self, job: DecodeJob) -> None:  # with self._cv held
+        """Queues the job so that calls take turns (start-time fair queueing). The queue is in
+        order of tags, ties in order of arrival. A job is tagged where its owner's previous job
+        ends, or now (the tag of the job admitted last) if that has passed; a retry at a higher
+        temperature continues work in flight and is tagged now. A long file's windows get
+        consecutive tags, so the first window of a call that comes later goes next, and then the
+        two calls alternate; one call alone keeps the order it submitted in."""
+        owner = job.owner
+        if owner is None:
+            tag = self._now
+        else:
+            tag = self._now if job.attempt > 0 else max(self._now, self._next_tag.get(owner, 0))
+            self._next_tag[owner] = max(self._next_tag.get(owner, 0), tag + 1)
+        job.queue_tag = tag
+        i = len(self._jobs)
+        while i > 0 and self._jobs[i - 1].queue_tag > tag:
+            i -= 1
+        self._jobs.insert(i, job)
 
     def detect_language(self, window: Window) -> Future:
         """Future of the language-token probabilities of one window."""
@@ -246,12 +275,25 @@ class DecodeScheduler:
             self._encode(chunk, device, by_encoder=True)
 
     def _may_encode(self) -> bool:  # with self._cv held
-        return bool(self._to_encode) and (self._ahead() < self.programs.n_slots or self._starved())
+        """A window needed soon is not being encoded yet: a language detection's, or one of the
+        next batch's worth of queued jobs'. The encoder reads that far ahead and no further, so
+        a long queue does not hold encoder outputs in memory."""
+        return bool(self._to_encode) and any(not w.encoded and w not in self._started
+                                             for w in self._needed(self.programs.n_slots))
+
+    def _needed(self, jobs: int | None = None) -> list[Window]:  # with self._cv held
+        """The windows the batch needs, soonest first: language detections' (their calls wait on
+        them before anything else), then the queued jobs' in queue order (the first `jobs`)."""
+        windows = [d.window for d in self._detections] + [j.window for j in islice(self._jobs, jobs)]
+        return list(dict.fromkeys(windows))
 
     def _take_windows(self) -> list[Window]:  # with self._cv held
+        """Up to one encoder batch of the windows waiting to be encoded, those needed soonest first."""
         self._forget_cancelled()
-        largest = self.programs.encode_sizes[-1]
-        chunk = [self._to_encode.popleft() for _ in range(min(largest, len(self._to_encode)))]
+        rank = {w: i for i, w in enumerate(self._needed())}
+        order = sorted(self._to_encode, key=lambda w: rank.get(w, len(rank)))
+        chunk = order[: self.programs.encode_sizes[-1]]
+        self._to_encode = deque(order[len(chunk):])
         self._started.update(chunk)
         return chunk
 
@@ -352,9 +394,10 @@ class DecodeScheduler:
         to_encode = self._take_windows() if not detections and self._helps_encoder() else []
         # While the batch waits for the encoder anyway, the windows ready so far wait too, to
         # be admitted together (with CPU lanes: on every core, once the encoder is done).
+        queued = len(self._jobs)
         admitted = [] if to_encode or self._filling() else self._take_jobs()
-        if detections or admitted:
-            self._cv.notify_all()  # the encoder may read further ahead
+        if detections or len(self._jobs) < queued:  # admitted, or ended (cancelled, not encodable)
+            self._cv.notify_all()  # the encoder reads ahead from the new head of the queue
         # Anything but the next step (or waiting) first decides on the queued step.
         settle = self._queued is not None and bool(detections or to_encode or admitted or not self._active()
                                                     or self._filling())
@@ -386,11 +429,6 @@ class DecodeScheduler:
     def _detections_ready(self) -> bool:
         return any(d.window.encoded for d in self._detections)
 
-    def _ahead(self) -> int:
-        """Windows encoded and waiting for the batch."""
-        waiting = [j.window for j in self._jobs] + [d.window for d in self._detections]
-        return len({id(w) for w in waiting if w.features is not None})
-
     def _filling(self) -> bool:
         """A job that fits in the free slots is waiting for the encoder."""
         return self._fitting_job_waits(lambda w: not w.encoded)
@@ -417,6 +455,7 @@ class DecodeScheduler:
         # In order: a wide job, or one whose window is still being encoded, is not overtaken.
         while self._jobs and self._jobs[0].rows <= free and self._jobs[0].window.encoded:
             job = self._jobs.popleft()
+            self._now = max(self._now, job.queue_tag)
             if not job.future.set_running_or_notify_cancel():  # its future was cancelled
                 continue
             if _cancelled(job):
