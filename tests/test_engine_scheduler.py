@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 import jax
 import numpy as np
@@ -611,7 +611,7 @@ def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine):
     from audio_signals import speechlike
     from service.engine import TranscribeOptions
 
-    once = dict(temperatures=(0.0,), max_new_tokens=8)
+    once = dict(temperatures=(0.0,), max_new_tokens=64)  # a batch of the long file takes a while
     long_done: list[float] = []
     long_call = threading.Thread(target=tiny_engine.transcribe, args=(speechlike(40 * 30.0, seed=5),),
                                  kwargs=dict(options=TranscribeOptions(language="en", **once),
@@ -633,9 +633,9 @@ def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine):
 
 
 def test_callers_take_turns_and_a_retry_continues_its_call(one_slot, tiny_engine):
-    """The queue's order: a caller's first window goes ahead of another's queued ones, callers
-    with windows waiting alternate, and a retry at a higher temperature goes ahead of its own
-    caller's fresh windows."""
+    """The queue's order: a caller's first window goes after one turn of the caller ahead of it,
+    not after all its queued windows; callers with windows waiting alternate; and a retry at a
+    higher temperature goes ahead of fresh windows."""
     scheduler, prefix = one_slot
     n_mels = tiny_engine.dims.n_mels
 
@@ -661,4 +661,41 @@ def test_callers_take_turns_and_a_retry_continues_its_call(one_slot, tiny_engine
     while len(finished) < 7:
         assert time.monotonic() < deadline, finished
         time.sleep(0.01)
-    assert finished == ["a0", "b0", "a0 again", "a1", "b1", "a2", "a3"]
+    assert finished == ["a0", "a0 again", "a1", "b0", "a2", "b1", "a3"]
+
+
+def test_calls_coming_while_a_long_file_waits_do_not_widen_the_read_ahead(tiny_engine):
+    """With the accelerator's layout the encoder takes several windows at once; as calls come and
+    go ahead of a long file's queued windows, it still encodes only the windows the batch takes
+    next: one batch ahead, and one more for each call that has come since."""
+    scheduler = DecodeScheduler(endless(tiny_engine, 4, accelerator=True), tiny_engine.tokenizer)
+    prefix = english(tiny_engine.tokenizer)
+    n_mels = tiny_engine.dims.n_mels
+
+    class Call:
+        pass
+
+    jobs: list[DecodeJob] = []
+    ahead: list[int] = []  # windows encoded and waiting for a slot, at each token
+
+    def on_token(_token: int) -> None:
+        ahead.append(sum(j.window.features is not None for j in jobs if not (j.future.running() or j.future.done())))
+
+    def submit(owner: Call, seed: int) -> Future:
+        jobs.append(DecodeJob(Window(noise(n_mels, seed)), prefix, 0, timestamps=False, sample_len=30,
+                              owner=owner, on_token=on_token))
+        return scheduler.submit(jobs[-1])
+
+    try:
+        long_file = Call()
+        futures = [submit(long_file, 100 + i) for i in range(16)]
+        for i in range(4):  # a call comes while the long file's first windows decode
+            deadline = time.monotonic() + 120
+            while len(ahead) < 40 * (i + 1):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            futures.append(submit(Call(), 200 + i))
+        assert all(len(f.result(timeout=300).tokens) == 30 for f in futures)
+    finally:
+        scheduler.close()
+    assert max(ahead) <= 4 + 4, max(ahead)

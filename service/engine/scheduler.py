@@ -28,6 +28,7 @@ slots the host knows to be free.
 from __future__ import annotations
 
 import logging
+import bisect
 import threading
 import weakref
 from collections import deque
@@ -86,7 +87,7 @@ class DecodeJob:
     top_k: int = 0
     top_p: float = 1.0
     attempt: int = 0  # 0: the window's first decoding; n: its nth temperature fallback
-    owner: object = None  # the call it is for (weakly referenced): calls take turns (None: a call of its own)
+    owner: object = None  # the call it is for: calls take turns (None: a call of its own)
     on_token: Callable[[int], None] | None = None  # each token as it comes (single-row jobs only)
     cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
@@ -160,8 +161,8 @@ class DecodeScheduler:
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self._jobs: deque[DecodeJob] = deque()  # in the order they are admitted (see _enqueue)
-        self._now = 0  # the queue tag of the job admitted last
-        # Each owner's tag after its last job; an owner's entry goes when the owner does.
+        self._now = 0  # the largest queue tag taken off the queue so far
+        # Each owner's tag after its last job, weakly keyed: an owner's entry goes when the owner does.
         self._next_tag: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._detections: deque[_Detection] = deque()
         self._cv = threading.Condition()
@@ -203,22 +204,21 @@ class DecodeScheduler:
 
     def _enqueue(self, job: DecodeJob) -> None:  # with self._cv held
         """Queues the job so that calls take turns (start-time fair queueing). The queue is in
-        order of tags, ties in order of arrival. A job is tagged where its owner's previous job
-        ends, or now (the tag of the job admitted last) if that has passed; a retry at a higher
-        temperature continues work in flight and is tagged now. A long file's windows get
-        consecutive tags, so the first window of a call that comes later goes next, and then the
-        two calls alternate; one call alone keeps the order it submitted in."""
+        order of tags, ties in order of arrival; `_now` is the round being admitted. A call's job
+        is tagged where its previous one ends (a job of several rows, beam search or best-of,
+        takes as many turns), or with the next round if that has passed; a retry at a higher
+        temperature continues work in flight and joins the current round. So a call that comes
+        while a long file's windows wait goes after at most one turn of each call ahead of it,
+        and then they alternate; one call alone keeps the order it submitted in."""
         owner = job.owner
-        if owner is None:
+        if job.attempt > 0:
             tag = self._now
         else:
-            tag = self._now if job.attempt > 0 else max(self._now, self._next_tag.get(owner, 0))
-            self._next_tag[owner] = max(self._next_tag.get(owner, 0), tag + 1)
+            tag = max(self._now + 1, 0 if owner is None else self._next_tag.get(owner, 0))
+        if owner is not None:
+            self._next_tag[owner] = max(self._next_tag.get(owner, 0), tag + job.rows)
         job.queue_tag = tag
-        i = len(self._jobs)
-        while i > 0 and self._jobs[i - 1].queue_tag > tag:
-            i -= 1
-        self._jobs.insert(i, job)
+        self._jobs.insert(bisect.bisect_right(self._jobs, tag, key=lambda j: j.queue_tag), job)
 
     def detect_language(self, window: Window) -> Future:
         """Future of the language-token probabilities of one window."""
@@ -275,25 +275,22 @@ class DecodeScheduler:
             self._encode(chunk, device, by_encoder=True)
 
     def _may_encode(self) -> bool:  # with self._cv held
-        """A window needed soon is not being encoded yet: a language detection's, or one of the
-        next batch's worth of queued jobs'. The encoder reads that far ahead and no further, so
-        a long queue does not hold encoder outputs in memory."""
-        return bool(self._to_encode) and any(not w.encoded and w not in self._started
-                                             for w in self._needed(self.programs.n_slots))
+        return bool(self._next_to_encode())
 
-    def _needed(self, jobs: int | None = None) -> list[Window]:  # with self._cv held
-        """The windows the batch needs, soonest first: language detections' (their calls wait on
-        them before anything else), then the queued jobs' in queue order (the first `jobs`)."""
-        windows = [d.window for d in self._detections] + [j.window for j in islice(self._jobs, jobs)]
-        return list(dict.fromkeys(windows))
+    def _next_to_encode(self) -> list[Window]:  # with self._cv held
+        """The windows to encode next, soonest needed first: language detections' (their calls
+        wait on them before anything else), then those of the next batch's worth of queued jobs.
+        The encoder reads that far ahead and no further, so a long queue does not hold encoder
+        outputs in memory."""
+        windows = [d.window for d in self._detections] + [j.window for j in islice(self._jobs, self.programs.n_slots)]
+        return [w for w in dict.fromkeys(windows) if not w.encoded and w not in self._started]
 
     def _take_windows(self) -> list[Window]:  # with self._cv held
-        """Up to one encoder batch of the windows waiting to be encoded, those needed soonest first."""
+        """Up to one encoder batch of the windows to encode next."""
         self._forget_cancelled()
-        rank = {w: i for i, w in enumerate(self._needed())}
-        order = sorted(self._to_encode, key=lambda w: rank.get(w, len(rank)))
-        chunk = order[: self.programs.encode_sizes[-1]]
-        self._to_encode = deque(order[len(chunk):])
+        chunk = self._next_to_encode()[: self.programs.encode_sizes[-1]]
+        taken = set(chunk)
+        self._to_encode = deque(w for w in self._to_encode if w not in taken)
         self._started.update(chunk)
         return chunk
 
@@ -317,6 +314,7 @@ class DecodeScheduler:
         wanted = {j.window for j in self._jobs} | {d.window for d in self._detections}
         self._encoding.difference_update(w for w in self._to_encode if w not in wanted)
         self._to_encode = deque(w for w in self._to_encode if w in wanted)
+        self._cv.notify_all()  # the batch may have waited for those windows
 
     def _encode(self, chunk: list[Window], device, by_encoder: bool = False) -> None:
         try:
@@ -377,7 +375,7 @@ class DecodeScheduler:
 
     def _next_work(self) -> tuple | None:  # with self._cv held
         """Waits for work; returns what to do next (None: the scheduler is closed)."""
-        if self._freed:  # a batch that now has room may be waiting for the encoder to read further
+        if self._freed:  # the encoder thread weighs free slots (`_starved`) in choosing its cores
             self._freed = False
             self._cv.notify_all()
         while not (self._queued is not None or self._detections_ready() or self._helps_encoder()
@@ -434,8 +432,8 @@ class DecodeScheduler:
         return self._fitting_job_waits(lambda w: not w.encoded)
 
     def _starved(self) -> bool:
-        """A job that fits in the free slots has a window that no one has begun to encode: it
-        is worth encoding beyond the read-ahead limit."""
+        """A job that fits in the free slots has a window that no one has begun to encode: the
+        batch will wait for it, so it is worth the decoder's cores too (CPU lanes)."""
         return self._fitting_job_waits(lambda w: not w.encoded and w not in self._started)
 
     def _fitting_job_waits(self, waits) -> bool:
