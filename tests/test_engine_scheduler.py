@@ -240,10 +240,10 @@ def test_windows_through_few_slots_with_steps_queued_ahead_decode_as_alone(tiny_
     assert [len(t) for t in alone] == [13, 3, 28, 8, 23, 18]
 
 
-def test_a_freed_slot_wakes_the_encoder(tiny_engine, monkeypatch):
+def test_an_encoded_window_queued_behind_does_not_hold_the_encoder_back(tiny_engine, monkeypatch):
     """One slot on one pool of threads: A decodes; B waits to be encoded, and behind it F, whose
-    window is encoded already (as a fallback attempt's is) and so counts as read ahead, which
-    holds the encoder back while the slot is taken. When A ends, the encoder must encode B."""
+    window is encoded already (as a fallback attempt's is). B must still be encoded and decoded,
+    and F after it."""
     monkeypatch.setenv(SWITCH, "off")
     scheduler = DecodeScheduler(endless(tiny_engine, 1), tiny_engine.tokenizer)
     prefix = english(tiny_engine.tokenizer)
@@ -632,15 +632,16 @@ def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine):
     assert done_then <= 24, done_then
 
 
+class Call:
+    """A job's owner: anything weakly referable, one per call."""
+
+
 def test_callers_take_turns_and_a_retry_continues_its_call(one_slot, tiny_engine):
     """The queue's order: a caller's first window goes after one turn of the caller ahead of it,
     not after all its queued windows; callers with windows waiting alternate; and a retry at a
     higher temperature goes ahead of fresh windows."""
     scheduler, prefix = one_slot
     n_mels = tiny_engine.dims.n_mels
-
-    class Call:  # an owner: anything weakly referable, one per call
-        pass
 
     a, b = Call(), Call()
     finished: list[str] = []
@@ -671,9 +672,6 @@ def test_calls_coming_while_a_long_file_waits_do_not_widen_the_read_ahead(tiny_e
     scheduler = DecodeScheduler(endless(tiny_engine, 4, accelerator=True), tiny_engine.tokenizer)
     prefix = english(tiny_engine.tokenizer)
     n_mels = tiny_engine.dims.n_mels
-
-    class Call:
-        pass
 
     jobs: list[DecodeJob] = []
     ahead: list[int] = []  # windows encoded and waiting for a slot, at each token

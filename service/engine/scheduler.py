@@ -27,8 +27,8 @@ slots the host knows to be free.
 """
 from __future__ import annotations
 
-import logging
 import bisect
+import logging
 import threading
 import weakref
 from collections import deque
@@ -176,9 +176,6 @@ class DecodeScheduler:
         self._slots_on = None  # the device the slots are on
         self._encoder_busy = False  # the encoder thread is encoding
         self._encoder_wide = False  # on every core (CPU lanes)
-        self._freed = False  # slots were freed since the decode thread last held the lock
-        self._to_encode: deque[Window] = deque()
-        self._encoding: set[Window] = set()  # queued for the encoder or being encoded
         self._started: set[Window] = set()  # being encoded
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
@@ -198,7 +195,6 @@ class DecodeScheduler:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} windows are already waiting to be decoded")
             self._enqueue(job)
-            self._request_features(job.window)
             self._cv.notify_all()
         return job.future
 
@@ -227,7 +223,6 @@ class DecodeScheduler:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
             self._detections.append(d)
-            self._request_features(window)
             self._cv.notify_all()
         return d.future
 
@@ -247,11 +242,6 @@ class DecodeScheduler:
             self._cv.notify_all()
         self._thread.join()
         self._encoder.join()
-
-    def _request_features(self, window: Window) -> None:  # with self._cv held
-        if not window.encoded and window not in self._encoding:
-            self._encoding.add(window)
-            self._to_encode.append(window)
 
     # ---- the encoder thread --------------------------------------------------------------
 
@@ -289,31 +279,25 @@ class DecodeScheduler:
         """Up to one encoder batch of the windows to encode next."""
         self._forget_cancelled()
         chunk = self._next_to_encode()[: self.programs.encode_sizes[-1]]
-        taken = set(chunk)
-        self._to_encode = deque(w for w in self._to_encode if w not in taken)
         self._started.update(chunk)
         return chunk
 
     def _requeue(self, windows: list[Window]) -> None:
-        """Windows taken to be encoded and not encoded go back to the front of the encoder's queue:
-        their jobs, still queued, would otherwise wait for them forever."""
+        """Windows taken to be encoded and not encoded are to be encoded again: their jobs, still
+        queued, would otherwise wait for them forever."""
         with self._cv:
             self._started.difference_update(windows)
-            self._to_encode.extendleft(reversed(windows))
             self._cv.notify_all()
 
     def _forget_cancelled(self) -> None:  # with self._cv held
-        """Queued jobs of cancelled calls end now, and windows that nothing waits for any more leave
-        the encoder's queue: a long file's call cancelled midway does not keep the encoder busy."""
+        """Queued jobs of cancelled calls end now, so their windows are not encoded: a long
+        file's call cancelled midway does not keep the encoder busy."""
         if not any(map(_cancelled, self._jobs)):
             return
         for job in filter(_cancelled, self._jobs):
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(CancelledError())
         self._jobs = deque(j for j in self._jobs if not _cancelled(j))
-        wanted = {j.window for j in self._jobs} | {d.window for d in self._detections}
-        self._encoding.difference_update(w for w in self._to_encode if w not in wanted)
-        self._to_encode = deque(w for w in self._to_encode if w in wanted)
         self._cv.notify_all()  # the batch may have waited for those windows
 
     def _encode(self, chunk: list[Window], device, by_encoder: bool = False) -> None:
@@ -329,7 +313,6 @@ class DecodeScheduler:
                 w.features, w.error = f, error
                 if error is None:
                     w.mel = None
-                self._encoding.discard(w)
                 self._started.discard(w)
             if by_encoder:
                 self._encoder_busy = False
@@ -375,9 +358,6 @@ class DecodeScheduler:
 
     def _next_work(self) -> tuple | None:  # with self._cv held
         """Waits for work; returns what to do next (None: the scheduler is closed)."""
-        if self._freed:  # the encoder thread weighs free slots (`_starved`) in choosing its cores
-            self._freed = False
-            self._cv.notify_all()
         while not (self._queued is not None or self._detections_ready() or self._helps_encoder()
                    or ((self._admissible() or self._active()) and not self._filling()) or self._closed):
             self._cv.wait()
@@ -689,7 +669,6 @@ class DecodeScheduler:
         for slot in g.slots:
             self._groups[slot] = None
             self._source[slot] = slot
-        self._freed = True
 
     def _fail_rows(self, error: Exception, extra: list[DecodeJob]) -> None:
         for g in self._live_groups():
@@ -703,7 +682,6 @@ class DecodeScheduler:
     def _fail_all(self, error: Exception) -> None:
         self._fail_rows(error, list(self._jobs))
         self._jobs.clear()
-        self._to_encode.clear()
         for d in self._detections:
             if not d.future.done():
                 d.future.set_exception(error)
