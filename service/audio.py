@@ -1,7 +1,10 @@
 """Audio in: any container PyAV reads, or headerless PCM, to 16 kHz mono float32.
 
-Decoding is bounded while it runs: it stops as soon as the decoded audio passes the allowed
-duration, so a small file that expands to hours (a decompression bomb) costs little.
+A container is decoded as it is read, a piece at a time (`audio_pieces`), so that a long file is
+transcribed while it decodes and is never held whole as samples (an hour is 230 MB of them).
+Decoding is bounded: audio whose container says it is longer than allowed is refused before
+any of it decodes, and decoding stops as soon as the decoded audio passes the allowed duration,
+so a small file that expands to hours (a decompression bomb) costs little.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import threading
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Iterator
 
 import av
 import numpy as np
@@ -22,6 +25,9 @@ SAMPLE_RATE = 16000
 PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}  # little-endian on any host
 # Floating-point audio can hold these; the features of such a window would be meaningless.
 NOT_FINITE = "the audio holds NaN or infinite samples; floating-point samples must be finite, in [-1, 1]"
+PIECE_SAMPLES = 10 * SAMPLE_RATE  # handed on at a time: a decoded frame is a few milliseconds
+ACCEPTED = ("accepted: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm, or headerless PCM (s16le, f32le) with its "
+            "sample rate")
 
 
 class AudioError(ValueError):
@@ -32,37 +38,60 @@ class AudioError(ValueError):
 class AudioLimits:
     max_seconds: float = 4 * 3600.0
 
+    def too_long(self) -> AudioError:
+        return AudioError(f"the audio is longer than the {self.max_seconds:g} s allowed")
 
-def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = AudioLimits(),
+
+def decode_audio(source: bytes | str | Path, limits: AudioLimits = AudioLimits(),
                  cancel: threading.Event | None = None) -> np.ndarray:
-    """Decode the first audio stream of a container (format sniffed from the bytes, not a name),
-    mixed to mono and resampled to 16 kHz float32.
+    """The whole of `audio_pieces`, as one array."""
+    return np.concatenate(list(audio_pieces(source, limits, cancel)))
+
+
+def audio_pieces(source: bytes | str | Path, limits: AudioLimits = AudioLimits(),
+                 cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+    """The first audio stream of a container (its format sniffed from the bytes, not a name),
+    mixed to mono and resampled to 16 kHz float32, in pieces of about PIECE_SAMPLES as it decodes.
 
     As the ffmpeg command line (and so openai-whisper) does, a packet that fails to decode (a
     damaged stretch of the file) is skipped, and a file cut short gives what it holds; only a
     file of which nothing decodes fails. A stream whose sample rate or channels change midway
     (concatenated files, broadcast recordings) is resampled piece by piece. Once `cancel` is
-    set (the caller went away), decoding stops with CancelledError."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise AudioError("the audio is empty")
-        source = io.BytesIO(source)
+    set (the caller went away), decoding stops with CancelledError. Raises AudioError, before
+    the first piece where it can tell, for audio that cannot be decoded or is too long."""
+    if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
+        raise AudioError("the audio is empty")
     max_samples = int(min(limits.max_seconds * SAMPLE_RATE, np.iinfo(np.int64).max))
-    chunks: list[np.ndarray] = []
-    total = 0
-    skipped = 0
+    pending: list[np.ndarray] = []  # decoded, not handed on yet
+    pending_samples = total = skipped = 0
     resampler, resampling = None, None
 
-    def append(frames: list[av.AudioFrame]) -> None:
-        nonlocal total
-        for out in frames:
-            total += _append(chunks, out, limits, total, max_samples)
+    def take(frames: list[av.AudioFrame]) -> None:
+        nonlocal pending_samples, total
+        for frame in frames:
+            samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            if not np.isfinite(samples).all():
+                raise AudioError(NOT_FINITE)
+            if total + len(samples) > max_samples:
+                raise limits.too_long()
+            pending.append(samples)
+            pending_samples += len(samples)
+            total += len(samples)
+
+    def handed_on() -> np.ndarray:
+        nonlocal pending_samples
+        piece = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        pending.clear()
+        pending_samples = 0
+        return piece
 
     try:
-        with av.open(source, mode="r", metadata_errors="ignore") as container:
+        with _open(source) as container:
             if not container.streams.audio:
                 raise AudioError("the file has no audio stream")
             stream = container.streams.audio[0]
+            if _longer_than(limits.max_seconds, source, container, stream):
+                raise limits.too_long()
             try:
                 for packet in container.demux(stream):
                     if cancel is not None and cancel.is_set():
@@ -76,28 +105,60 @@ def decode_audio(source: bytes | str | Path | BinaryIO, limits: AudioLimits = Au
                         source_format = (frame.format.name, frame.layout.name, frame.sample_rate)
                         if source_format != resampling:
                             if resampler is not None:
-                                append(resampler.resample(None))
+                                take(resampler.resample(None))
                             resampler, resampling = _mono_resampler(), source_format
-                        append(resampler.resample(frame))
+                        take(resampler.resample(frame))
+                    if pending_samples >= PIECE_SAMPLES:
+                        yield handed_on()
             except (av.error.FFmpegError, OSError, EOFError) as e:
                 if total == 0:
                     raise
                 log.warning("the audio ends early: the file could not be read past %.1f s (%s)",
                             total / SAMPLE_RATE, e)
             if resampler is not None:
-                append(resampler.resample(None))
+                take(resampler.resample(None))
     except AudioError:
         raise
     except (av.error.FFmpegError, ValueError, OSError, EOFError) as e:
-        raise AudioError(f"the audio could not be decoded ({e}); accepted: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, "
-                         "webm, or headerless PCM (s16le, f32le) with its sample rate") from e
+        raise AudioError(f"the audio could not be decoded ({e}); {ACCEPTED}") from e
     if total == 0:
         if skipped:
             raise AudioError(f"the audio could not be decoded: none of its {skipped} packets holds valid data")
         raise AudioError("the audio holds no samples")
     if skipped:
         log.warning("skipped %d damaged audio packets", skipped)
-    return np.concatenate(chunks)
+    if pending:
+        yield handed_on()
+
+
+def _open(source: bytes | str | Path) -> av.container.InputContainer:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    else:
+        source = str(source)
+    return av.open(source, mode="r", metadata_errors="ignore")
+
+
+def _longer_than(seconds: float, source, container, stream) -> bool:
+    """The audio is longer than `seconds`, as the container tells. A header's duration is taken
+    when it is within the limit; one over it, or none, is checked against the durations of the
+    stream's packets, read without decoding them (about 0.2 s for an hour of mp3): a header's
+    figure can be an estimate far off (a variable-bitrate mp3's, from its first frame's rate)."""
+    if stream.duration is not None and stream.time_base is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        declared = container.duration / av.time_base
+    else:
+        declared = None
+    if declared is not None and declared <= seconds:
+        return False
+    try:
+        with _open(source) as again:
+            packets = again.demux(again.streams.audio[0])
+            found = sum(float(p.duration * p.time_base) for p in packets if p.duration and p.time_base is not None)
+    except (av.error.FFmpegError, OSError, EOFError, ValueError):
+        return False  # decoding finds out, and stops at the limit
+    return found > seconds + 1.0  # a frame's worth of encoder padding is not over the limit
 
 
 def _mono_resampler() -> av.AudioResampler:
@@ -106,13 +167,3 @@ def _mono_resampler() -> av.AudioResampler:
     stereo to the mean of its channels. For float output FFmpeg would otherwise not scale it,
     and stereo would come out 3 dB louder."""
     return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE, options={"rematrix_maxval": "1.0"})
-
-
-def _append(chunks: list[np.ndarray], frame: av.AudioFrame, limits: AudioLimits, total: int, max_samples: int) -> int:
-    samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-    if not np.isfinite(samples).all():
-        raise AudioError(NOT_FINITE)
-    if total + len(samples) > max_samples:
-        raise AudioError(f"the audio is longer than the {limits.max_seconds:g} s allowed")
-    chunks.append(samples)
-    return len(samples)

@@ -26,7 +26,7 @@ from dragoman.v1 import speech_pb2 as pb
 from dragoman.v1 import speech_pb2_grpc
 
 from . import errors
-from .audio import AudioError, AudioLimits, decode_audio
+from .audio import SAMPLE_RATE, AudioError, AudioLimits, audio_pieces
 from .engine import DEFAULT_TEMPERATURES, QueueFull, SchedulerClosed, TranscribeOptions, Transcription, Usage
 from .engine import Segment as EngineSegment
 from .errors import ServiceError, invalid_argument
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechService"].full_name
 PCM_ENCODINGS = {pb.AUDIO_ENCODING_S16LE: "s16le", pb.AUDIO_ENCODING_F32LE: "f32le"}
+PCM_BACKLOG_SECONDS = 60  # PCM received and not yet taken by the engine, at most (a window is 30 s)
 MODES = {pb.LONG_FORM_MODE_BATCHED: "batched", pb.LONG_FORM_MODE_SEQUENTIAL: "sequential"}
 # TranscribeOptions.validate names the option at fault first; the request field it comes from:
 OPTION_FIELDS = {"temperature": "config.temperature", "temperatures": "config.temperature",
@@ -165,6 +166,7 @@ class _Call:
         # whenever it has done all it can with the audio so far (the engine's on_waiting). Only
         # then does the receive timeout run: a client may wait for results before it sends more.
         self.waiting_on_client = True
+        self.samples_read = 0  # PCM samples the engine has taken (written on its thread only)
 
     def stop(self) -> None:
         self.cancel.set()
@@ -184,13 +186,8 @@ class _Call:
         stream_deltas = first.config.stream_deltas
         loop = asyncio.get_running_loop()
 
-        if pcm is None:
-            data = await self._receive_all()
-            try:
-                audio = await loop.run_in_executor(self.servicer.executor, decode_audio, data,
-                                                   AudioLimits(self.config.max_audio_seconds), self.cancel)
-            except AudioError as e:
-                raise invalid_argument("audio", str(e)) from None
+        if pcm is None:  # a container: decoded as the engine reads it (its errors are the engine's)
+            audio = audio_pieces(await self._receive_all(), AudioLimits(self.config.max_audio_seconds), self.cancel)
         else:
             feed: queue.Queue = queue.Queue()
             audio = self._pieces(feed)
@@ -351,17 +348,23 @@ class _Call:
         return b"".join(chunks)
 
     async def _receive_pcm(self, pcm: PcmStream, feed: queue.Queue) -> None:
-        """Reads PCM messages into `feed` until the half-close; a bad one ends the call."""
-        received = 0
+        """Reads PCM messages into `feed` until the half-close; a bad one ends the call. Reading
+        pauses while the engine has PCM_BACKLOG_SECONDS of it not yet taken (it reads only a few
+        windows ahead of its decoding): a client that sends faster than real time is held back
+        by HTTP/2 flow control, rather than the call holding all of its audio."""
+        received = samples = 0
         try:
             while (message := await self._next_message()) is not None:
                 data = self._check_message(message, received)
                 received += len(data)
                 pieces = pcm.push(data)
                 if pcm.seconds_in > self.config.max_audio_seconds:
-                    raise invalid_argument("audio", f"the audio is longer than the {self.config.max_audio_seconds:g} s allowed")
+                    raise AudioLimits(self.config.max_audio_seconds).too_long()
                 if len(pieces):
                     feed.put(pieces)
+                    samples += len(pieces)
+                while samples - self.samples_read > PCM_BACKLOG_SECONDS * SAMPLE_RATE:
+                    await asyncio.sleep(0.05)
             if received == 0:
                 raise invalid_argument("audio", "the audio is empty; send the audio after the config")
             tail = pcm.finish()
@@ -393,6 +396,7 @@ class _Call:
                 continue
             if piece is None:
                 return
+            self.samples_read += len(piece)
             yield piece
 
     # -- the engine's errors

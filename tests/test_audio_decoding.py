@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from service.audio import SAMPLE_RATE, AudioError, decode_audio
+from service.audio import PIECE_SAMPLES, SAMPLE_RATE, AudioError, AudioLimits, audio_pieces, decode_audio
 
 
 def encode(channels: np.ndarray, rate: int, container: str = "wav", codec: str = "pcm_s16le") -> bytes:
@@ -30,6 +30,21 @@ def encode(channels: np.ndarray, rate: int, container: str = "wav", codec: str =
 
 def sine(seconds: float, rate: int, amplitude: float = 0.4, hz: float = 220.0) -> np.ndarray:
     return (amplitude * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def mp3(seconds: float, kbps: int, hz: float = 220.0) -> bytes:
+    """A constant-bitrate mp3 of a tone at 8 kHz."""
+    x = sine(seconds, 8000, hz=hz)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=8000)
+        stream.layout, stream.bit_rate = "mono", kbps * 1000
+        frame = av.AudioFrame.from_ndarray(x[None], format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for piece in av.AudioResampler(format=stream.format.name, layout="mono", rate=8000).resample(frame):
+            out.mux(stream.encode(piece))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("right", [1.0, 0.5, 0.0])
@@ -80,3 +95,39 @@ def test_decoding_stops_once_cancelled():
     cancel.set()
     with pytest.raises(CancelledError):
         decode_audio(encode(sine(2.0, 44100)[None], 44100, "mp3", "libmp3lame"), cancel=cancel)
+
+
+def test_a_long_file_is_handed_on_in_pieces_as_it_decodes():
+    data = encode(sine(35.0, 44100)[None], 44100, "mp3", "libmp3lame")
+    cancel = threading.Event()
+    pieces = audio_pieces(data, cancel=cancel)
+    first = next(pieces)
+    assert PIECE_SAMPLES <= len(first) < PIECE_SAMPLES + SAMPLE_RATE  # a piece, not the whole file
+    rest = list(pieces)
+    assert len(rest) == 3 and all(len(p) >= PIECE_SAMPLES for p in rest[:-1])
+    assert np.array_equal(np.concatenate([first, *rest]), decode_audio(data))
+    lazy = audio_pieces(data, cancel=cancel)
+    next(lazy)
+    cancel.set()  # decoding goes on only as pieces are asked for
+    with pytest.raises(CancelledError):
+        next(lazy)
+
+
+def test_audio_longer_than_allowed_is_refused_before_any_of_it_decodes():
+    data = encode(sine(45.0, 16000)[None], 16000, "mp3", "libmp3lame")
+    pieces = audio_pieces(data, AudioLimits(max_seconds=25.0))
+    with pytest.raises(AudioError, match="longer than the 25 s allowed"):
+        next(pieces)  # decoding alone would hand on two pieces of 10 s first
+    assert len(decode_audio(data, AudioLimits(max_seconds=46.0))) == 45 * SAMPLE_RATE
+
+
+def test_a_header_that_overstates_the_duration_does_not_refuse_the_audio():
+    """Two mp3s back to back, the first at a low bitrate: FFmpeg estimates the duration from the
+    first frames' rate and the file's size, and is far off. The packets tell the true one."""
+    data = mp3(4.0, kbps=8) + mp3(20.0, kbps=64, hz=440.0)
+    with av.open(io.BytesIO(data)) as container:
+        assert container.duration / av.time_base > 100  # the header's estimate
+    audio = decode_audio(data, AudioLimits(max_seconds=60.0))
+    assert len(audio) / SAMPLE_RATE == pytest.approx(24.0, abs=0.2)
+    with pytest.raises(AudioError, match="longer than the 20 s allowed"):
+        decode_audio(data, AudioLimits(max_seconds=20.0))

@@ -194,6 +194,40 @@ def test_audio_given_in_pieces_equals_audio_given_whole(tiny_engine):
                                                                              rel=1e-6)
 
 
+def test_a_long_file_is_read_only_a_few_windows_ahead_of_its_decoding(tiny_engine, monkeypatch):
+    """A run holds `read_ahead` windows in flight at most (cut and not yet decoded), and reads the
+    audio no further ahead: an hour of it is not held as samples or features all at once."""
+    monkeypatch.setattr(tiny_engine, "read_ahead", 2)
+    submit = tiny_engine.scheduler.submit
+    in_flight, most, done = set(), [0], [0]
+
+    def counted(job):
+        future = submit(job)
+        in_flight.add(future)
+        most[0] = max(most[0], len(in_flight))
+
+        def ended(f):
+            in_flight.discard(f)
+            done[0] += 1
+        future.add_done_callback(ended)
+        return future
+
+    monkeypatch.setattr(tiny_engine.scheduler, "submit", counted)
+    piece = speechlike(30.0, seed=9)
+    read_past = []  # at each piece read: seconds read beyond 30 s a decoded window
+
+    def pieces():
+        for k in range(8):
+            read_past.append(30 * k - 30 * done[0])
+            yield piece
+
+    result = tiny_engine.transcribe(pieces(), TranscribeOptions(language="en", temperatures=(0.0,), max_new_tokens=8))
+    assert result.duration == pytest.approx(240.0) and done[0] >= 8
+    assert most[0] == 2  # windows were decoded two at a time, never more
+    # Windows are at most 30 s: the two in flight, the one cut and waiting, and the piece after it.
+    assert max(read_past) <= 30 * (2 + 2)
+
+
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
 def test_on_waiting_tells_when_the_run_waits_on_its_audio(tiny_engine, mode):
     """on_waiting: True while the run has done all it can with the audio read so far and waits for

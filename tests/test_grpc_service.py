@@ -230,3 +230,50 @@ def test_pcm_results_start_before_the_upload_ends(client):
     assert held_back == [True], "no segment came before the rest of the audio was sent"
     assert summary is not None and abs(summary.duration.seconds + summary.duration.nanos / 1e9 - 70.0) < 0.1
     assert max(s.seek for s in segments) >= 4000  # the held-back audio was decoded too
+
+
+def test_a_pcm_client_sending_faster_than_decoding_is_held_back(tiny_engine, monkeypatch):
+    """While the engine takes no more of the audio, the server reads at most PCM_BACKLOG_SECONDS
+    past what it took, and HTTP/2 flow control holds the client back, instead of the server
+    holding a long recording whole; the rest is read once decoding goes on."""
+    import threading
+    import time
+
+    from service import servicer
+
+    monkeypatch.setattr(servicer, "PCM_BACKLOG_SECONDS", 10)
+    submit, go_on = tiny_engine.scheduler.submit, threading.Event()
+
+    def held(job):  # the first window waits: the engine takes no more audio meanwhile
+        go_on.wait(60)
+        return submit(job)
+
+    monkeypatch.setattr(tiny_engine.scheduler, "submit", held)
+    srv = start_server(tiny_engine)
+    rate, step = 48000, 4 * 48000  # float32 at 48 kHz: a second is 192 kB, so transport buffers hold little of it
+    data = pcm(tone(150.0, sample_rate=rate, seed=3), "f32le")
+    sent, seen = [0.0], []
+
+    def upload():
+        yield pb.TranslateRequest(config=config(encoding=pb.AUDIO_ENCODING_F32LE, sample_rate_hertz=rate,
+                                                language="en", max_new_tokens=8))
+        for i in range(0, len(data), step):
+            yield pb.TranslateRequest(audio=data[i : i + step])
+            sent[0] = (i + step) / step
+
+    def look_then_go_on():
+        time.sleep(3.0)
+        seen.append(sent[0])
+        go_on.set()
+
+    threading.Thread(target=look_then_go_on, daemon=True).start()
+    try:
+        responses = list(stub(srv.port).Translate(upload(), timeout=300))
+    finally:
+        go_on.set()
+        srv.stop()
+    # Taken by the engine: the first window and the audio it looked past to cut it (at most 30 s
+    # and 100 ms); then 10 s read beyond that, and what the transport buffers.
+    assert seen[0] < 100, f"{seen[0]:.0f} s of 150 s were sent while the engine took none"
+    summary = responses[-1].summary
+    assert summary.duration.seconds == 150

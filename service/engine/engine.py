@@ -70,6 +70,9 @@ class Engine:
                                  list(tokenizer.language_tokens.values()),
                                  alignment_heads(tokenizer.generation_config, dims))
         self.scheduler = DecodeScheduler(self.programs, tokenizer, max_queue=max_queue)
+        # Windows of one call in flight at most: enough to fill the batch and keep the encoder's
+        # read-ahead of the next batch's worth busy while it decodes.
+        self.read_ahead = 2 * self.max_batch
 
     @classmethod
     def load(cls, model: str, *, max_batch: int = 8, dtype: str | None = None, name: str | None = None,
@@ -354,7 +357,11 @@ class _Run:
         events: queue.Queue = queue.Queue()
         spans: list[tuple[int, int]] = []
         windows: list[Window | None] = []
-        temps = self.options.temperatures
+        # Windows cut and not yet final: the feeder reads no further ahead of the decoding than
+        # this, so a long file's audio and log-mel features are held a few windows at a time,
+        # not whole (an hour of audio: 230 MB of samples, 60-90 MB of features).
+        ahead = threading.Semaphore(self.engine.read_ahead)
+        collected = threading.Event()  # this thread is done collecting (finished, failed or cancelled)
 
         def submit(i: int, t: int) -> None:
             f = self.engine.scheduler.submit(self._job(windows[i], self.initial_prompt, t, salt=i))
@@ -364,7 +371,10 @@ class _Run:
             try:
                 samples = 0
                 for start, end, chunk in cut_windows(self.read(audio)):
-                    if self._cancelled:
+                    while not ahead.acquire(timeout=0.5):
+                        if collected.is_set():
+                            return
+                    if self._cancelled or collected.is_set():
                         break
                     self._update(windows=1)
                     padded = np.zeros((1, N_SAMPLES), np.float32)
@@ -381,6 +391,15 @@ class _Run:
 
         feeder = threading.Thread(target=feed, name="window-feeder", daemon=True)
         feeder.start()
+        try:
+            return self._collect(events, submit, ahead, windows, spans)
+        finally:
+            collected.set()  # the feeder reads and submits no more
+
+    def _collect(self, events: queue.Queue, submit: Callable[[int, int], None], ahead: threading.Semaphore,
+                 windows: list[Window | None], spans: list[tuple[int, int]]) -> Transcription:
+        """Batched mode's collector: results as they come, retries, segments in order."""
+        temps = self.options.temperatures
         final: dict[int, WindowResult] = {}
         next_out, total, duration = 0, None, 0.0
         while total is None or next_out < total:
@@ -400,6 +419,9 @@ class _Run:
                 submit(i, t + 1)
                 continue
             final[i] = result
+            ahead.release()
+            if not self.options.word_timestamps:
+                windows[i] = None  # its features are not needed any more
             while next_out in final:
                 self._stop_if_cancelled()
                 r = final.pop(next_out)
