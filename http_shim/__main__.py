@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 
 from gunicorn.app.base import BaseApplication
 from service.flags import check_environment
 
 from .config import Config, build_parser, config_from_args
+from .metrics import MULTIPROCESS_DIR, mark_worker_dead
 
 
 class Server(BaseApplication):
@@ -35,6 +39,7 @@ class Server(BaseApplication):
             "errorlog": "-",
             "proc_name": "dragoman-http",
             "control_socket_disable": True,
+            "child_exit": lambda server, worker: mark_worker_dead(worker.pid),
         }
         for key, value in settings.items():
             if key in self.cfg.settings:
@@ -53,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_environment(parser, args)
     config = config_from_args(args)
-    Server(config, args.log_level).run()
+    # Every worker counts its requests in files here, and /metrics sums them (http_shim/metrics.py).
+    # Set before the workers fork and first import prometheus_client; a fresh directory each run,
+    # as multiprocess mode needs.
+    master, os.environ[MULTIPROCESS_DIR] = os.getpid(), tempfile.mkdtemp(prefix="dragoman-http-metrics-")
+    try:
+        Server(config, args.log_level).run()
+    finally:
+        if os.getpid() == master:  # a worker leaves through here too, when it exits
+            shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
     return 0
 
 

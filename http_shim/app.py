@@ -17,6 +17,7 @@ from .backend import DECODING_FIELDS, Backend, Call, Delta, ModelInfo, Request, 
 from .config import Config
 from .errors import APIError, bad_request
 from .forms import FieldEvent, FileData, FileEnd, FileStart, Params, _human, boundary_of, read_multipart
+from .metrics import HttpMetrics
 from .render import EventStream, Result
 from service.model_names import short_name
 
@@ -83,6 +84,7 @@ class State:
         self.config = config
         self.backend = backend
         self.catalog = Catalog(backend, config.served_aliases, config.models_cache_seconds)
+        self.metrics = HttpMetrics()
 
 
 def create_app(config: Config | None = None, backend: Backend | None = None) -> Flask:
@@ -109,6 +111,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app.add_url_rule("/v1/models", "models", _models, methods=["GET"])
     app.add_url_rule("/v1/models/<path:model_id>", "model", _model, methods=["GET"])
     app.add_url_rule("/health", "health", _health, methods=["GET"])
+    app.add_url_rule("/metrics", "metrics", lambda: _state().metrics.exposition(), methods=["GET"])
     return app
 
 
@@ -120,6 +123,7 @@ def _state() -> State:
 
 
 def _before():
+    _state().metrics.started()
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     cfg = _state().config
     sock = request.environ.get("gunicorn.socket")
@@ -146,6 +150,7 @@ def _before():
 
 
 def _after(response: Response) -> Response:
+    _state().metrics.answered(response)
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(None)

@@ -590,6 +590,45 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path
         _stop(shim)
 
 
+def test_metrics_sum_every_workers_requests(servers, tmp_path):
+    """With several gunicorn workers, /metrics (answered by any one of them) counts the requests
+    of all; their shared counts go with the shim."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
+    env.pop("DRAGOMAN_API_KEY", None)
+    with open(tmp_path / "shim.log", "w") as log:
+        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", "0", "--grpc-target",
+                                 servers.grpc_target, "--workers", "2", "--threads", "2"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{listening_port(shim, tmp_path / 'shim.log', SHIM_LISTENING)}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert shim.poll() is None and time.monotonic() < deadline, (tmp_path / "shim.log").read_text()
+            time.sleep(0.3)
+        for _ in range(11):  # a connection each: the workers take turns as they accept
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models/no-such-model", timeout=10).status_code == 404
+        for _ in range(4):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}
+            assert samples[("dragoman_http_requests_total", (("code", "200"), ("endpoint", "health"),
+                                                            ("method", "GET")))] >= 12
+            assert samples[("dragoman_http_requests_total", (("code", "404"), ("endpoint", "model"),
+                                                            ("method", "GET")))] == 1
+        assert list(tmp_path.glob("dragoman-http-metrics-*"))
+    finally:
+        _stop(shim)
+    assert not list(tmp_path.glob("dragoman-http-metrics-*"))
+
+
 # ---- the service down, or too slow (the shim in-process, with the real gRPC client) -----------------------------
 
 

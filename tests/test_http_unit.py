@@ -16,6 +16,7 @@ import webvtt
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
 from http_shim import Config, create_app
 from http_shim.backend import Delta, ModelInfo, SegmentEvent, Summary
@@ -730,3 +731,48 @@ def test_grpc_errors_name_the_form_field_the_beam_width_came_from():
     assert http_error(err, {"config.beam_size": "n"}).param == "n"
     assert http_error(err, {"config.beam_size": "use_beam_search"}).param == "use_beam_search"
     assert http_error(err).param == "beam_size"
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+
+
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.mimetype == "text/plain"
+    resp.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.get_data(as_text=True)) for s in family.samples}
+
+
+def requests_of(metrics: dict, endpoint: str, code: str, method: str = "POST") -> float:
+    return metrics.get(("dragoman_http_requests_total", (("code", code), ("endpoint", endpoint), ("method", method))), 0)
+
+
+def test_metrics_count_requests_by_endpoint_and_status_code(make_client):
+    """Refusals the service never sees are counted too. A request counts once its answer is out
+    (the server closes it), so an event stream is in progress until its last event."""
+    client = make_client(api_key="sk-test")
+    auth = {"Authorization": "Bearer sk-test"}
+
+    def answered(resp) -> int:
+        resp.get_data()
+        resp.close()  # what the WSGI server does once the answer is sent
+        return resp.status_code
+
+    assert answered(post(client, "/v1/audio/transcriptions", [("file", ("a.wav", AUDIO))], auth)) == 200
+    assert answered(post(client, "/v1/audio/transcriptions", [("file", ("a.wav", AUDIO))])) == 401
+    assert answered(post(client, "/v1/audio/translations", [("temperature", "hot"), ("file", ("a.wav", AUDIO))],
+                         auth)) == 400
+    assert answered(client.get("/no/such/path")) == 404
+    stream = post(client, "/v1/audio/translations", [("stream", "true"), ("file", ("a.wav", AUDIO))], auth)
+    before = scrape(client)
+    assert before[("dragoman_http_requests_in_progress", (("endpoint", "translations"),))] == 1
+    assert requests_of(before, "translations", "200") == 0
+    assert stream.get_data(as_text=True).endswith("data: [DONE]\n\n")
+    stream.close()
+    after = scrape(client)
+    assert requests_of(after, "transcriptions", "200") == 1 and requests_of(after, "transcriptions", "401") == 1
+    assert requests_of(after, "translations", "400") == 1 and requests_of(after, "translations", "200") == 1
+    assert requests_of(after, "unknown", "404", "GET") == 1
+    assert after[("dragoman_http_requests_in_progress", (("endpoint", "translations"),))] == 0
+    assert after[("dragoman_http_request_duration_seconds_count", (("endpoint", "translations"),))] == 2
