@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 import threading
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}  # little-end
 # Floating-point audio can hold these; the features of such a window would be meaningless.
 NOT_FINITE = "the audio holds NaN or infinite samples; floating-point samples must be finite, in [-1, 1]"
 PIECE_SAMPLES = 10 * SAMPLE_RATE  # handed on at a time: a decoded frame is a few milliseconds
+# A container's length is over the limit by more than this before it is refused: codecs pad the
+# last frame and prime the first (at most a few hundred milliseconds).
+LENGTH_SLACK_SECONDS = 0.25
 ACCEPTED = ("accepted: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm, or headerless PCM (s16le, f32le) with its "
             "sample rate")
 
@@ -61,7 +66,7 @@ def audio_pieces(source: bytes | str | Path, limits: AudioLimits = AudioLimits()
     the first piece where it can tell, for audio that cannot be decoded or is too long."""
     if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
         raise AudioError("the audio is empty")
-    max_samples = int(min(limits.max_seconds * SAMPLE_RATE, np.iinfo(np.int64).max))
+    max_samples = int(min((limits.max_seconds + LENGTH_SLACK_SECONDS) * SAMPLE_RATE, np.iinfo(np.int64).max))
     pending: list[np.ndarray] = []  # decoded, not handed on yet
     pending_samples = total = skipped = 0
     resampler, resampling = None, None
@@ -134,23 +139,36 @@ def audio_pieces(source: bytes | str | Path, limits: AudioLimits = AudioLimits()
 def _open(source: bytes | str | Path) -> av.container.InputContainer:
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
-    else:
+    elif isinstance(source, (str, Path)):
         source = str(source)
+    else:
+        raise TypeError(f"audio must be bytes or a path, got {type(source).__name__}")
     return av.open(source, mode="r", metadata_errors="ignore")
+
+
+def _readable_twice(source: bytes | str | Path) -> bool:
+    """Bytes or a regular file: not a pipe (or a device), which a second reader would drain."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return True
+    try:
+        return stat.S_ISREG(os.stat(source).st_mode)
+    except OSError:
+        return False
 
 
 def _longer_than(seconds: float, source, container, stream) -> bool:
     """The audio is longer than `seconds`, as the container tells. A header's duration is taken
     when it is within the limit; one over it, or none, is checked against the durations of the
     stream's packets, read without decoding them (about 0.2 s for an hour of mp3): a header's
-    figure can be an estimate far off (a variable-bitrate mp3's, from its first frame's rate)."""
+    figure can be an estimate far off (a variable-bitrate mp3's, from its first frame's rate).
+    A pipe is not read twice: its length is found by decoding it."""
     if stream.duration is not None and stream.time_base is not None:
         declared = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         declared = container.duration / av.time_base
     else:
         declared = None
-    if declared is not None and declared <= seconds:
+    if (declared is not None and declared <= seconds) or not _readable_twice(source):
         return False
     try:
         with _open(source) as again:
@@ -158,7 +176,7 @@ def _longer_than(seconds: float, source, container, stream) -> bool:
             found = sum(float(p.duration * p.time_base) for p in packets if p.duration and p.time_base is not None)
     except (av.error.FFmpegError, OSError, EOFError, ValueError):
         return False  # decoding finds out, and stops at the limit
-    return found > seconds + 1.0  # a frame's worth of encoder padding is not over the limit
+    return found > seconds + LENGTH_SLACK_SECONDS
 
 
 def _mono_resampler() -> av.AudioResampler:

@@ -3,6 +3,7 @@ whose format changes midway."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 from concurrent.futures import CancelledError
 
@@ -130,4 +131,35 @@ def test_a_header_that_overstates_the_duration_does_not_refuse_the_audio():
     audio = decode_audio(data, AudioLimits(max_seconds=60.0))
     assert len(audio) / SAMPLE_RATE == pytest.approx(24.0, abs=0.2)
     with pytest.raises(AudioError, match="longer than the 20 s allowed"):
-        decode_audio(data, AudioLimits(max_seconds=20.0))
+        next(audio_pieces(data, AudioLimits(max_seconds=20.0)))  # the packets tell, before a piece decodes
+
+
+def test_a_pipe_is_read_once(tmp_path):
+    """A pipe is not read a second time to check its length: that would drain it, and what is
+    decoded would be cut short (or wait for a writer that never comes)."""
+    data = encode(sine(300.0, 16000)[None], 16000, "adts", "aac")  # no duration in it
+    fifo = tmp_path / "audio.aac"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    outcome = []
+
+    def read():
+        try:
+            outcome.append(sum(map(len, audio_pieces(fifo, AudioLimits(max_seconds=310.0)))) / SAMPLE_RATE)
+        except AudioError as e:
+            outcome.append(str(e))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (write, read)]
+    for t in threads:
+        t.start()
+    threads[1].join(20)
+    assert outcome == [pytest.approx(300.0, abs=0.1)]
+
+
+def test_only_bytes_or_a_path_are_taken():
+    with pytest.raises(TypeError, match="bytes or a path"):
+        decode_audio(io.BytesIO(encode(sine(1.0, 16000)[None], 16000)))

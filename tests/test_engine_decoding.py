@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
@@ -226,6 +227,50 @@ def test_a_long_file_is_read_only_a_few_windows_ahead_of_its_decoding(tiny_engin
     assert most[0] == 2  # windows were decoded two at a time, never more
     # Windows are at most 30 s: the two in flight, the one cut and waiting, and the piece after it.
     assert max(read_past) <= 30 * (2 + 2)
+
+
+def test_the_read_ahead_bounds_windows_in_flight_and_windows_not_yet_emitted():
+    """Windows final behind one still decoding (at higher temperatures) are not emitted yet: they
+    free their place in flight, and the feeder reads on, but no more than twice as far."""
+    from service.engine.engine import _ReadAhead
+
+    ahead = _ReadAhead(2)
+
+    def room_now() -> bool:  # one more window may be cut (and is counted), asked for 0.3 s
+        deadline = time.monotonic() + 0.3
+        return ahead.wait_for_room(lambda: time.monotonic() > deadline)
+
+    assert room_now() and room_now() and not room_now()  # two in flight
+    ahead.final()  # the second window is final; the first still decodes
+    assert room_now() and not room_now()
+    ahead.final()
+    assert room_now() and not room_now()  # four cut and not emitted: no further
+    ahead.final()  # still none emitted: the first window decodes on
+    assert not room_now()
+    ahead.emitted()
+    assert room_now()
+    assert not ahead.wait_for_room(lambda: True)  # stopped: no room taken
+
+
+def test_a_run_that_fails_stops_reading_its_audio(tiny_engine):
+    """When the run fails (here the caller's own callback), its window feeder, waiting to read
+    further ahead, stops and lets the audio go, instead of waiting for good."""
+    closed = threading.Event()
+
+    def pieces():
+        try:
+            for _ in range(40):
+                yield speechlike(30.0, seed=10)
+        finally:
+            closed.set()
+
+    def on_segment(segment, used):
+        raise RuntimeError("the caller's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        tiny_engine.transcribe(pieces(), TranscribeOptions(language="en", temperatures=(0.0,), max_new_tokens=4),
+                               on_segment=on_segment)
+    assert closed.wait(10), "the feeder still holds the audio"
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])

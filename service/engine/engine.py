@@ -186,6 +186,42 @@ def _to_device(tree: dict | list) -> None:
             tree[key] = jax.device_put(value)
 
 
+class _ReadAhead:
+    """How far batched mode's feeder may read ahead of the decoding: it cuts a window only while
+    fewer than `in_flight` are cut and not yet final (enough to fill the batch and keep the
+    encoder busy), and fewer than twice that are cut and not yet emitted (the windows final
+    behind one that still decodes, at higher temperatures, wait to be emitted in order; with word
+    timestamps they hold their encoder outputs). So a long file's audio and log-mel features are
+    held a few windows at a time, not whole (an hour of audio: 230 MB of samples, 60-90 MB of
+    features)."""
+
+    def __init__(self, in_flight: int):
+        self.in_flight, self.held = in_flight, 2 * in_flight
+        self._deciding = self._unemitted = 0
+        self._cv = threading.Condition()
+
+    def wait_for_room(self, stopped: Callable[[], bool]) -> bool:
+        """Wait until one more window may be cut, and count it; False (and not counted) once `stopped`."""
+        with self._cv:
+            while not stopped() and (self._deciding >= self.in_flight or self._unemitted >= self.held):
+                self._cv.wait(timeout=0.5)  # `stopped` is not told: look again now and then
+            if stopped():
+                return False
+            self._deciding += 1
+            self._unemitted += 1
+            return True
+
+    def final(self) -> None:
+        with self._cv:
+            self._deciding -= 1
+            self._cv.notify()
+
+    def emitted(self) -> None:
+        with self._cv:
+            self._unemitted -= 1
+            self._cv.notify()
+
+
 class _Run:
     """One transcription: language, prompts, windows, temperature fallback, segments."""
 
@@ -357,10 +393,7 @@ class _Run:
         events: queue.Queue = queue.Queue()
         spans: list[tuple[int, int]] = []
         windows: list[Window | None] = []
-        # Windows cut and not yet final: the feeder reads no further ahead of the decoding than
-        # this, so a long file's audio and log-mel features are held a few windows at a time,
-        # not whole (an hour of audio: 230 MB of samples, 60-90 MB of features).
-        ahead = threading.Semaphore(self.engine.read_ahead)
+        ahead = _ReadAhead(self.engine.read_ahead)
         collected = threading.Event()  # this thread is done collecting (finished, failed or cancelled)
 
         def submit(i: int, t: int) -> None:
@@ -371,10 +404,7 @@ class _Run:
             try:
                 samples = 0
                 for start, end, chunk in cut_windows(self.read(audio)):
-                    while not ahead.acquire(timeout=0.5):
-                        if collected.is_set():
-                            return
-                    if self._cancelled or collected.is_set():
+                    if not ahead.wait_for_room(lambda: collected.is_set() or self._cancelled):
                         break
                     self._update(windows=1)
                     padded = np.zeros((1, N_SAMPLES), np.float32)
@@ -396,7 +426,7 @@ class _Run:
         finally:
             collected.set()  # the feeder reads and submits no more
 
-    def _collect(self, events: queue.Queue, submit: Callable[[int, int], None], ahead: threading.Semaphore,
+    def _collect(self, events: queue.Queue, submit: Callable[[int, int], None], ahead: "_ReadAhead",
                  windows: list[Window | None], spans: list[tuple[int, int]]) -> Transcription:
         """Batched mode's collector: results as they come, retries, segments in order."""
         temps = self.options.temperatures
@@ -419,7 +449,7 @@ class _Run:
                 submit(i, t + 1)
                 continue
             final[i] = result
-            ahead.release()
+            ahead.final()
             if not self.options.word_timestamps:
                 windows[i] = None  # its features are not needed any more
             while next_out in final:
@@ -440,6 +470,7 @@ class _Run:
                     self.on_progress(end / SAMPLE_RATE)
                 windows[next_out] = None  # its features are not needed any more
                 next_out += 1
+                ahead.emitted()
                 self._update(windows=-1)
         if total == 0:
             raise ValueError(NO_SAMPLES)
