@@ -156,18 +156,34 @@ def _readable_twice(source: bytes | str | Path) -> bool:
         return False
 
 
+def declared_seconds(source: bytes | str | Path) -> float | None:
+    """The duration of the audio as its container's header gives it, without decoding (None where
+    it gives none, the source cannot be read, or is a pipe, which only its decoding may read).
+    Some formats' figure is an estimate (see `_longer_than`): for a progress bar, not a limit."""
+    if not _readable_twice(source):
+        return None
+    try:
+        with _open(source) as container:
+            return _header_seconds(container, container.streams.audio[0]) if container.streams.audio else None
+    except (av.error.FFmpegError, OSError, EOFError, ValueError):
+        return None
+
+
+def _header_seconds(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
 def _longer_than(seconds: float, source, container, stream) -> bool:
     """The audio is longer than `seconds`, as the container tells. A header's duration is taken
     when it is within the limit; one over it, or none, is checked against the durations of the
     stream's packets, read without decoding them (about 0.2 s for an hour of mp3): a header's
     figure can be an estimate far off (a variable-bitrate mp3's, from its first frame's rate).
     A pipe is not read twice: its length is found by decoding it."""
-    if stream.duration is not None and stream.time_base is not None:
-        declared = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        declared = container.duration / av.time_base
-    else:
-        declared = None
+    declared = _header_seconds(container, stream)
     if (declared is not None and declared <= seconds) or not _readable_twice(source):
         return False
     try:

@@ -10,7 +10,7 @@ import threading
 
 from tqdm import tqdm
 
-from .audio import AudioError, decode_audio
+from .audio import AudioError, audio_pieces, declared_seconds
 from .engine import DEFAULT_TEMPERATURES, MODES, CheckpointError, Engine, TranscribeOptions, enable_compilation_cache
 from .engine.lanes import lanes_wanted
 from .flags import check_environment, env_flag, positive_integer
@@ -105,22 +105,24 @@ def run_files(args: argparse.Namespace, task: str) -> int:
     status = 0
     try:
         for path in args.files:
-            try:
-                audio = decode_audio(path)
-            except (AudioError, FileNotFoundError) as e:
-                print(f"error: {path}: {e}", file=sys.stderr)
-                status = 1
-                continue
-            duration = len(audio) / 16000
-            with tqdm(total=round(duration, 1), unit="s", desc=path, file=sys.stderr, leave=False,
-                      disable=None if duration > 30 else True) as bar:
+            # Decoded as it is transcribed (an hour of audio is never held whole); the bar's
+            # length is what the file's header says (none for a pipe: a bar without an end).
+            duration = declared_seconds(path)
+            with tqdm(total=None if duration is None else round(duration, 1), unit="s", desc=path, file=sys.stderr,
+                      leave=False, disable=None if duration is None or duration > 30 else True) as bar:
                 lock = threading.Lock()
 
                 def progress(done: float) -> None:
                     with lock:
                         bar.update(round(done, 1) - bar.n)
 
-                result = engine.transcribe(audio, options, on_progress=progress)
+                try:
+                    result = engine.transcribe(audio_pieces(path), options, on_progress=progress)
+                except AudioError as e:
+                    bar.close()
+                    print(f"error: {path}: {e}", file=sys.stderr)
+                    status = 1
+                    continue
             if args.json:
                 # A file name that is not UTF-8 (its bytes kept as surrogates) is shown escaped.
                 shown = os.fsencode(path).decode("utf-8", "backslashreplace")

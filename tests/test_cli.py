@@ -9,6 +9,7 @@ import pty
 import struct
 import subprocess
 import sys
+import threading
 import termios
 
 import av
@@ -74,6 +75,26 @@ def test_json_output_has_one_object_per_file_and_bad_files_are_reported(tiny_mod
         assert x["text"] == "".join(s["text"] for s in x["segments"])
         assert all(s["temperature"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) for s in x["segments"])
     assert max(s["end"] for s in results[1]["segments"]) > 30.0  # the second window was decoded
+
+
+def test_a_pipe_is_transcribed_as_it_decodes(tiny_model, files, tmp_path):
+    """A named pipe (as `<(ffmpeg ...)` gives) is decoded once, as it is transcribed: its header
+    cannot be read ahead of the audio, so the progress bar has no end, and the audio is whole."""
+    fifo = tmp_path / "stream.mp3"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            f.write(files["mp3"].read_bytes())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    r = run_cli("transcribe", str(fifo), "--model", str(tiny_model[0]), "--json", "--language", "en",
+                "--temperature", "0", "--max-new-tokens", "8")
+    writer.join(10)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["duration"] == pytest.approx(35.0, abs=0.05) and max(s["end"] for s in result["segments"]) > 30.0
 
 
 def test_translate_prints_timed_lines(tiny_model, files):
