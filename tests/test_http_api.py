@@ -7,6 +7,7 @@ request (temperature 0, a fixed seed) gives the same text every way it is asked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import io
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import av
 import httpx
@@ -547,16 +549,15 @@ def test_fields_after_the_file(servers, reference):
     assert resp.status_code == 200 and resp.json()["text"] == reference["translate"]
 
 
-def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path):
-    """gunicorn's threads read a request body for as long as the client takes: --upload-timeout
-    ends the wait. The file comes first (as curl sends it), so no call to the service has begun
-    that could time out instead. The shim has one thread, which then serves the next request."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+@contextlib.contextmanager
+def own_shim(servers, tmp_path: Path, *flags: str, **environ: str) -> Iterator[tuple[int, str]]:
+    """A shim of its own (`python -m http_shim` with `flags`) in front of the test service, once it
+    answers /health: (its port, its URL); stopped after."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **environ}
     env.pop("DRAGOMAN_API_KEY", None)
     with open(tmp_path / "shim.log", "w") as log:
         shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", "0", "--grpc-target",
-                                 servers.grpc_target, "--threads", "1", "--upload-timeout", "1"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 servers.grpc_target, *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         port = listening_port(shim, tmp_path / "shim.log", SHIM_LISTENING)
         url = f"http://127.0.0.1:{port}"
@@ -569,6 +570,16 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path
                 pass
             assert shim.poll() is None and time.monotonic() < deadline, (tmp_path / "shim.log").read_text()
             time.sleep(0.3)
+        yield port, url
+    finally:
+        _stop(shim)
+
+
+def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path):
+    """gunicorn's threads read a request body for as long as the client takes: --upload-timeout
+    ends the wait. The file comes first (as curl sends it), so no call to the service has begun
+    that could time out instead. The shim has one thread, which then serves the next request."""
+    with own_shim(servers, tmp_path, "--threads", "1", "--upload-timeout", "1") as (port, url):
         boundary = "stallboundary"
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
                 + WAV[:1000])
@@ -586,8 +597,6 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_thread(servers, tmp_path
         served = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", WAV)},
                             data={k: str(v) for k, v in FAST.items()}, timeout=120)
         assert served.status_code == 200 and served.json()["text"]
-    finally:
-        _stop(shim)
 
 
 def test_metrics_sum_every_workers_requests(servers, tmp_path):
@@ -595,23 +604,7 @@ def test_metrics_sum_every_workers_requests(servers, tmp_path):
     of all; their shared counts go with the shim."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
-    env.pop("DRAGOMAN_API_KEY", None)
-    with open(tmp_path / "shim.log", "w") as log:
-        shim = subprocess.Popen([sys.executable, "-m", "http_shim", "--port", "0", "--grpc-target",
-                                 servers.grpc_target, "--workers", "2", "--threads", "2"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{listening_port(shim, tmp_path / 'shim.log', SHIM_LISTENING)}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert shim.poll() is None and time.monotonic() < deadline, (tmp_path / "shim.log").read_text()
-            time.sleep(0.3)
+    with own_shim(servers, tmp_path, "--workers", "2", "--threads", "2", TMPDIR=str(tmp_path)) as (_, url):
         for _ in range(11):  # a connection each: the workers take turns as they accept
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         assert httpx.get(f"{url}/v1/models/no-such-model", timeout=10).status_code == 404
@@ -624,8 +617,6 @@ def test_metrics_sum_every_workers_requests(servers, tmp_path):
             assert samples[("dragoman_http_requests_total", (("code", "404"), ("endpoint", "model"),
                                                             ("method", "GET")))] == 1
         assert list(tmp_path.glob("dragoman-http-metrics-*"))
-    finally:
-        _stop(shim)
     assert not list(tmp_path.glob("dragoman-http-metrics-*"))
 
 
