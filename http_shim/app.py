@@ -112,6 +112,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app.add_url_rule("/v1/models/<path:model_id>", "model", _model, methods=["GET"])
     app.add_url_rule("/health", "health", _health, methods=["GET"])
     app.add_url_rule("/metrics", "metrics", lambda: _state().metrics.exposition(), methods=["GET"])
+    app.wsgi_app = app.extensions["dragoman"].metrics.wrap(app.wsgi_app, app.url_map)
     return app
 
 
@@ -123,7 +124,6 @@ def _state() -> State:
 
 
 def _before():
-    _state().metrics.started()
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     cfg = _state().config
     sock = request.environ.get("gunicorn.socket")
@@ -150,7 +150,6 @@ def _before():
 
 
 def _after(response: Response) -> Response:
-    _state().metrics.answered(response)
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(None)

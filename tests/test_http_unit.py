@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from flask import request
 from http_shim import Config, create_app
 from http_shim.backend import Delta, ModelInfo, SegmentEvent, Summary
 from http_shim.errors import APIError
@@ -776,3 +777,28 @@ def test_metrics_count_requests_by_endpoint_and_status_code(make_client):
     assert requests_of(after, "unknown", "404", "GET") == 1
     assert after[("dragoman_http_requests_in_progress", (("endpoint", "translations"),))] == 0
     assert after[("dragoman_http_request_duration_seconds_count", (("endpoint", "translations"),))] == 2
+
+
+def test_metrics_label_unknown_methods_as_one_and_count_what_is_sent(backend):
+    """A method of no route (anything a client sends) is one series, not one each; an answer that
+    fails in Flask's last steps is replaced by a 500, and that is what is counted."""
+    app = create_app(Config(), backend=backend)
+
+    @app.after_request
+    def fails(response):  # runs before the shim's own hooks (Flask runs them last added first)
+        if request.path == "/v1/models":
+            raise RuntimeError("a later step failed")
+        return response
+
+    client = app.test_client()
+    for method in ("PROPFIND", "BREW", "GET"):
+        resp = client.open("/no/such/path", method=method)
+        resp.close()
+        assert resp.status_code == 404
+    resp = client.get("/v1/models")
+    resp.close()
+    assert resp.status_code == 500
+    metrics = scrape(client)
+    assert requests_of(metrics, "unknown", "404", "other") == 2 and requests_of(metrics, "unknown", "404", "GET") == 1
+    assert requests_of(metrics, "models", "500", "GET") == 1 and requests_of(metrics, "models", "200", "GET") == 0
+    assert metrics[("dragoman_http_requests_in_progress", (("endpoint", "models"),))] == 0
