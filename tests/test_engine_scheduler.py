@@ -605,11 +605,14 @@ def test_serving_after_the_warm_up_compiles_nothing(tiny_engine, monkeypatch, la
     assert compiled[len(serving):] == ["jit(<lambda>)"]
 
 
-def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine):
+def test_a_short_call_is_not_queued_behind_a_long_file(tiny_engine, monkeypatch):
     """Calls take turns in the batch: a short call that comes while a long file's windows wait
-    for slots has its language detected and its window decoded next to them, not after them."""
+    for slots has its language detected and its window decoded next to them, not after them.
+    The long file's run reads far ahead here (as several long calls together would queue)."""
     from audio_signals import speechlike
     from service.engine import TranscribeOptions
+
+    monkeypatch.setattr(tiny_engine, "read_ahead", 64)
 
     once = dict(temperatures=(0.0,), max_new_tokens=64)  # a batch of the long file takes a while
     long_done: list[float] = []
