@@ -72,7 +72,7 @@ class HttpMetrics:
 
         return counted
 
-    def _finished(self, r: "_Request", code: str) -> None:
+    def _finished(self, r: _Request, code: str) -> None:
         if r.finished:  # a server that closes an answer twice
             return
         r.finished = True

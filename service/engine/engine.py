@@ -426,7 +426,7 @@ class _Run:
         finally:
             collected.set()  # the feeder reads and submits no more
 
-    def _collect(self, events: queue.Queue, submit: Callable[[int, int], None], ahead: "_ReadAhead",
+    def _collect(self, events: queue.Queue, submit: Callable[[int, int], None], ahead: _ReadAhead,
                  windows: list[Window | None], spans: list[tuple[int, int]]) -> Transcription:
         """Batched mode's collector: results as they come, retries, segments in order."""
         temps = self.options.temperatures
