@@ -30,7 +30,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_file_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", help="audio or video files in any format FFmpeg reads")
+    p.add_argument("files", nargs="+", help="audio or video files in any format FFmpeg reads; - reads standard input")
     add_engine_arguments(p)
     p.add_argument("--language", help="spoken language (code or English name); default: detected")
     p.add_argument("--prompt", help="text that precedes the audio: names, spellings, style")
@@ -88,8 +88,13 @@ def options_from_args(args: argparse.Namespace, task: str) -> TranscribeOptions:
                              logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold)
 
 
+STDIN = "-"
+
+
 def run_files(args: argparse.Namespace, task: str) -> int:
     try:
+        if args.files.count(STDIN) > 1:
+            raise ValueError(f"standard input ({STDIN}) can be read once; it was given {args.files.count(STDIN)} times")
         options = options_from_args(args, task)
         options.validate()
     except ValueError as e:
@@ -107,7 +112,8 @@ def run_files(args: argparse.Namespace, task: str) -> int:
         for path in args.files:
             # Decoded as it is transcribed (an hour of audio is never held whole); the bar's
             # length is what the file's header says (none for a pipe: a bar without an end).
-            duration = declared_seconds(path)
+            source = "pipe:0" if path == STDIN else path  # FFmpeg's name for standard input
+            duration = declared_seconds(source)
             with tqdm(total=None if duration is None else round(duration, 1), unit="s", desc=path, file=sys.stderr,
                       leave=False, disable=None if duration is None or duration > 30 else True) as bar:
                 lock = threading.Lock()
@@ -117,7 +123,7 @@ def run_files(args: argparse.Namespace, task: str) -> int:
                         bar.update(round(done, 1) - bar.n)
 
                 try:
-                    result = engine.transcribe(audio_pieces(path), options, on_progress=progress)
+                    result = engine.transcribe(audio_pieces(source), options, on_progress=progress)
                 except AudioError as e:
                     bar.close()
                     print(f"error: {path}: {e}", file=sys.stderr)

@@ -97,6 +97,19 @@ def test_a_pipe_is_transcribed_as_it_decodes(tiny_model, files, tmp_path):
     assert result["duration"] == pytest.approx(35.0, abs=0.05) and max(s["end"] for s in result["segments"]) > 30.0
 
 
+def test_standard_input_is_read_as_a_file_named_dash(tiny_model, files):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DRAGOMAN_COMPILATION_CACHE": "off"}
+    with open(files["mp3"], "rb") as stdin:
+        r = subprocess.run([sys.executable, "-m", "service", "transcribe", "-", "--model", str(tiny_model[0]), "--json",
+                            "--language", "en", "--temperature", "0", "--max-new-tokens", "8"],
+                           stdin=stdin, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["file"] == "-" and result["duration"] == pytest.approx(35.0, abs=0.05)
+    r = run_cli("transcribe", "-", "-", "--model", str(tiny_model[0]))
+    assert r.returncode == 2 and "standard input (-) can be read once; it was given 2 times" in r.stderr
+
+
 def test_translate_prints_timed_lines(tiny_model, files):
     r = run_cli("translate", str(files["wav"]), "--model", str(tiny_model[0]), "--temperature", "0")
     assert r.returncode == 0, r.stderr
