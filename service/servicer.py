@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
+import os
 import queue
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeechService"].full_name
 PCM_ENCODINGS = {pb.AUDIO_ENCODING_S16LE: "s16le", pb.AUDIO_ENCODING_F32LE: "f32le"}
+UPLOAD_MEMORY = 16 << 20  # bytes of a container kept in memory; a larger one goes to a temporary file
 PCM_BACKLOG_SECONDS = 60  # PCM received and not yet taken by the engine, at most (a window is 30 s)
 MODES = {pb.LONG_FORM_MODE_BATCHED: "batched", pb.LONG_FORM_MODE_SEQUENTIAL: "sequential"}
 # TranscribeOptions.validate names the option at fault first; the request field it comes from:
@@ -167,11 +171,15 @@ class _Call:
         # then does the receive timeout run: a client may wait for results before it sends more.
         self.waiting_on_client = True
         self.samples_read = 0  # PCM samples the engine has taken (written on its thread only)
+        self.upload_file: str | None = None  # where a large container upload is kept
 
     def stop(self) -> None:
         self.cancel.set()
         if self.receiver is not None and not self.receiver.done():
             self.receiver.cancel()
+        if self.upload_file is not None:  # the engine may still hold it open: it reads on until it stops
+            with contextlib.suppress(OSError):
+                os.unlink(self.upload_file)
 
     async def run(self):
         first = await self._next_message()
@@ -337,15 +345,29 @@ class _Call:
                                    errors.AUDIO_TOO_LARGE)
         return message.audio
 
-    async def _receive_all(self) -> bytes:
-        chunks, received = [], 0
-        while (message := await self._next_message()) is not None:
-            data = self._check_message(message, received)
-            chunks.append(data)
-            received += len(data)
+    async def _receive_all(self) -> bytes | str:
+        """A container's bytes; past UPLOAD_MEMORY, the path of a temporary file that holds them
+        (removed when the call ends), so that a call does not hold a large upload in memory."""
+        chunks, received, spool = [], 0, None
+        try:
+            while (message := await self._next_message()) is not None:
+                data = self._check_message(message, received)
+                received += len(data)
+                if spool is None and received > UPLOAD_MEMORY:
+                    spool = tempfile.NamedTemporaryFile(prefix="dragoman-upload-", delete=False)
+                    self.upload_file = spool.name
+                    spool.writelines(chunks)
+                    chunks = []
+                if spool is None:
+                    chunks.append(data)
+                else:
+                    spool.write(data)
+        finally:
+            if spool is not None:
+                spool.close()
         if received == 0:
             raise invalid_argument("audio", "the audio is empty; send the audio after the config")
-        return b"".join(chunks)
+        return b"".join(chunks) if spool is None else spool.name
 
     async def _receive_pcm(self, pcm: PcmStream, feed: queue.Queue) -> None:
         """Reads PCM messages into `feed` until the half-close; a bad one ends the call. Reading

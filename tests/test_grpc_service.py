@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dragoman.v1 import speech_pb2 as pb
-from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields
+from grpc_support import call, config, encode, pcm, seconds, start_server, stub, tone, violated_fields, wait_for
 from service.languages import LANGUAGES
 
 
@@ -277,3 +277,29 @@ def test_a_pcm_client_sending_faster_than_decoding_is_held_back(tiny_engine, mon
     assert seen[0] < 100, f"{seen[0]:.0f} s of 150 s were sent while the engine took none"
     summary = responses[-1].summary
     assert summary.duration.seconds == 150
+
+
+def test_a_large_container_upload_is_kept_in_a_temporary_file_until_the_call_ends(client, monkeypatch, tmp_path):
+    """Past UPLOAD_MEMORY, a container's bytes go to a temporary file rather than memory; the call
+    gives what it gives from memory, and the file is gone once the call ends."""
+    import tempfile
+
+    from service import servicer
+
+    data = encode(tone(8.0, seed=11), 16000, "wav", "pcm_s16le")  # 256 kB
+    options = config(language="en", temperature=0.0, max_new_tokens=8)
+    in_memory = call(client, "translate", options, data)
+    monkeypatch.setattr(servicer, "UPLOAD_MEMORY", 64 * 1024)
+    made = []
+    named = tempfile.NamedTemporaryFile
+
+    def spy(*args, **kw):
+        made.append(named(*args, **{**kw, "dir": tmp_path}))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", spy)
+    spooled = call(client, "translate", options, data)
+    assert [s.tokens for s in spooled.segments] == [s.tokens for s in in_memory.segments]
+    assert spooled.summary.text == in_memory.summary.text
+    assert len(made) == 1 and made[0].name.startswith(str(tmp_path / "dragoman-upload-"))
+    wait_for(lambda: not list(tmp_path.iterdir()))  # removed as the call ends
