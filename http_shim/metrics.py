@@ -30,14 +30,14 @@ class HttpMetrics:
         # when first imported, by the environment, which the command line sets before it forks.
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 
-        self.multiprocess = MULTIPROCESS_DIR in os.environ  # as prometheus_client decides
-        if self.multiprocess and not os.environ[MULTIPROCESS_DIR]:
+        shared = MULTIPROCESS_DIR in os.environ  # as prometheus_client decides
+        if shared and not os.environ[MULTIPROCESS_DIR]:
             raise RuntimeError(f"{MULTIPROCESS_DIR} is set but empty: set it to an empty directory, or unset it")
-        if self.multiprocess and values.ValueClass is values.MutexValue:
+        if shared and values.ValueClass is values.MutexValue:
             raise RuntimeError(f"prometheus_client was imported before {MULTIPROCESS_DIR} was set: "
                                "its counts would not be shared between gunicorn's workers")
         self.registry = CollectorRegistry()
-        own = None if self.multiprocess else self.registry  # multiprocess: read back from the files
+        own = None if shared else self.registry  # multiprocess: read back from the files
         self.requests = Counter("dragoman_http_requests", "HTTP requests answered, by endpoint and status code",
                                 ["endpoint", "method", "code"], registry=own)
         self.duration = Histogram("dragoman_http_request_duration_seconds",
@@ -45,7 +45,7 @@ class HttpMetrics:
                                   ["endpoint"], buckets=BUCKETS, registry=own)
         self.in_progress = Gauge("dragoman_http_requests_in_progress", "HTTP requests being answered, by endpoint",
                                  ["endpoint"], registry=own, multiprocess_mode="livesum")
-        if self.multiprocess:
+        if shared:
             multiprocess.MultiProcessCollector(self.registry)
 
     def wrap(self, wsgi_app: Callable, url_map: Map) -> Callable:
